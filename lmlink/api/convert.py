@@ -1,0 +1,104 @@
+"""Translate between wire messages (lmlink.v1) and engine types; nothing else."""
+
+from __future__ import annotations
+
+from lmlink.engine.types import (
+    ChatTurn,
+    Completed,
+    Event,
+    GenerationRequest,
+    InvalidRequest,
+    PromptProgress,
+    SamplingOptions,
+    Started,
+    TokenDelta,
+)
+from lmlink.v1 import inference_pb2 as pb
+
+MAX_REQUEST_ID_LENGTH = 128
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+}
+
+
+def sampling_from_wire(s: pb.SamplingParams) -> SamplingOptions:
+    return SamplingOptions(
+        temperature=s.temperature if s.HasField("temperature") else 0.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        min_p=s.min_p if s.HasField("min_p") else 0.0,
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        stop=tuple(s.stop),
+        seed=s.seed if s.HasField("seed") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+    )
+
+
+def request_from_wire(req: pb.GenerateRequest, owner: str) -> GenerationRequest:
+    if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_LENGTH} characters")
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidRequest("request has no input: set chat messages or a prompt")
+    sampling = sampling_from_wire(req.sampling)
+    if which == "chat":
+        messages = tuple(ChatTurn(m.role, m.content) for m in req.chat.messages)
+        return GenerationRequest(req.request_id, messages=messages, sampling=sampling, owner=owner)
+    return GenerationRequest(req.request_id, prompt=req.prompt, sampling=sampling, owner=owner)
+
+
+def merge_deltas(events: list[Event]) -> list[Event]:
+    """Coalesce runs of token deltas into one, so a slow reader gets fewer, larger messages."""
+    merged: list[Event] = []
+    for ev in events:
+        last = merged[-1] if merged else None
+        if isinstance(ev, TokenDelta) and isinstance(last, TokenDelta):
+            merged[-1] = TokenDelta(last.text + ev.text, last.token_ids + ev.token_ids)
+        else:
+            merged.append(ev)
+    return merged
+
+
+def event_to_wire(event: Event, request_id: str) -> pb.GenerateEvent:
+    if isinstance(event, TokenDelta):
+        return pb.GenerateEvent(
+            request_id=request_id, delta=pb.TokenDelta(text=event.text, token_ids=event.token_ids)
+        )
+    if isinstance(event, Started):
+        return pb.GenerateEvent(
+            request_id=request_id,
+            started=pb.Started(
+                model=event.model,
+                prompt_tokens=event.prompt_tokens,
+                cached_tokens=event.cached_tokens,
+            ),
+        )
+    if isinstance(event, PromptProgress):
+        return pb.GenerateEvent(
+            request_id=request_id,
+            prompt_progress=pb.PromptProgress(
+                processed_tokens=event.processed_tokens, total_tokens=event.total_tokens
+            ),
+        )
+    if isinstance(event, Completed):
+        return pb.GenerateEvent(
+            request_id=request_id,
+            completed=pb.Completed(
+                finish_reason=_FINISH[event.finish_reason],
+                usage=pb.Usage(
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    cached_tokens=event.cached_tokens,
+                ),
+                timings=pb.Timings(
+                    time_to_first_token_ms=event.time_to_first_token_ms,
+                    total_ms=event.total_ms,
+                    tokens_per_second=event.tokens_per_second,
+                    prompt_tokens_per_second=event.prompt_tokens_per_second,
+                    queued_ms=event.queued_ms,
+                ),
+            ),
+        )
+    raise TypeError(f"no wire form for {type(event).__name__}")

@@ -1,0 +1,204 @@
+"""The gRPC `lmlink.v1.Inference` servicer: wire <-> engine, with access enforced per call."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import grpc
+
+import lmlink
+from lmlink.access.identity import Identity
+from lmlink.engine.registry import ModelRegistry
+from lmlink.engine.types import (
+    Completed,
+    DuplicateRequestId,
+    EngineError,
+    EngineStopped,
+    Failed,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+)
+from lmlink.v1 import inference_pb2 as pb
+from lmlink.v1 import inference_pb2_grpc as pb_grpc
+
+from .convert import event_to_wire, merge_deltas, request_from_wire
+from .gate import Gate
+from .streams import StreamHub
+
+log = logging.getLogger("lmlink.api")
+
+_STATUS: list[tuple[type[EngineError], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DuplicateRequestId, grpc.StatusCode.ALREADY_EXISTS),
+    (EngineStopped, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(error: EngineError) -> grpc.StatusCode:
+    for kind, code in _STATUS:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What GetServerInfo reports that the API cannot learn from the engines."""
+
+    name: str
+    listen_mode: str
+    started_at: float
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        hub: StreamHub,
+        gate: Gate,
+        facts: ServerFacts,
+        is_ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._registry = registry
+        self._hub = hub
+        self._gate = gate
+        self._facts = facts
+        self._is_ready = is_ready
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+        identity = self._gate.identify(context.peer())
+        if identity is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "caller is not an authenticated peer"
+            )
+        return identity  # type: ignore[return-value]
+
+    async def _require(
+        self, context: grpc.aio.ServicerContext, identity: Identity, action: str, model: str = ""
+    ) -> None:
+        verdict = self._gate.check(identity, action, model)
+        if not verdict.allowed:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.reason)
+
+    async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._is_ready():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        identity = await self._caller(context)
+        await self._require_ready(context)
+        try:
+            engine = self._registry.resolve(request.model)
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        await self._require(context, identity, "generate", engine.model_id)
+        queue = self._hub.open()
+        try:
+            engine_request = request_from_wire(request, owner=identity.login_name)
+            request_id = engine.submit(engine_request, queue)
+        except EngineError as exc:
+            await context.abort(status_for(exc), str(exc))
+        finished = False
+        try:
+            while not finished:
+                for event in merge_deltas(await queue.drain()):
+                    if isinstance(event, Failed):
+                        finished = True
+                        await context.abort(status_for(event.error), str(event.error))
+                    if isinstance(event, Completed):
+                        finished = True
+                        _log_completion(identity, engine.model_id, request_id, event)
+                    yield event_to_wire(event, request_id)
+        finally:
+            if not finished:  # client went away or cancelled: free the batch slot now
+                engine.cancel(request_id)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        identity = await self._caller(context)
+        await self._require(context, identity, "list")
+        default = self._registry.default_id
+        models = [
+            pb.Model(
+                id=e.loaded.id,
+                aliases=list(e.loaded.aliases),
+                state="loaded",
+                context_length=e.loaded.context_length,
+                memory_bytes=e.loaded.memory_bytes,
+                is_default=e.loaded.id == default,
+            )
+            for e in self._registry.engines()
+            if self._gate.check(identity, "generate", e.loaded.id).allowed
+        ]
+        return pb.ListModelsResponse(models=models)
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerInfo:
+        identity = await self._caller(context)
+        await self._require(context, identity, "info")
+        stats = [e.stats() for e in self._registry.engines()]
+        return pb.ServerInfo(
+            name=self._facts.name,
+            version=lmlink.__version__,
+            protocol_version=lmlink.PROTOCOL_VERSION,
+            listen_mode=self._facts.listen_mode,
+            models=[
+                e.loaded.id
+                for e in self._registry.engines()
+                if self._gate.check(identity, "generate", e.loaded.id).allowed
+            ],
+            active_streams=sum(s.active for s in stats),
+            queued_requests=sum(s.queued for s in stats),
+            max_batch_size=max((s.max_batch_size for s in stats), default=0),
+            uptime_seconds=time.time() - self._facts.started_at,
+            platform=f"{platform.system()} {platform.machine()}",
+            generated_tokens=sum(s.generated_tokens for s in stats),
+            recent_tokens_per_second=sum(s.recent_tokens_per_second for s in stats),
+            caller=pb.Identity(
+                login_name=identity.login_name,
+                display_name=identity.display_name,
+                node_name=identity.node_name,
+                tags=list(identity.tags),
+                source=identity.source,
+                is_owner=identity.is_owner,
+            ),
+        )
+
+    async def Cancel(
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelResponse:
+        identity = await self._caller(context)
+        await self._require(context, identity, "cancel")
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        owner = None if identity.is_owner else identity.login_name
+        cancelled = any(e.cancel(request.request_id, owner) for e in self._registry.engines())
+        return pb.CancelResponse(cancelled=cancelled)
+
+
+def _log_completion(identity: Identity, model: str, request_id: str, done: Completed) -> None:
+    # Counts and timings only: prompt and output text are never logged.
+    log.info(
+        "request %s by %s on %s: %s, %d prompt (+%d cached) / %d completion tokens, "
+        "ttft %.0f ms, %.1f tok/s",
+        request_id,
+        identity.label,
+        model,
+        done.finish_reason,
+        done.prompt_tokens - done.cached_tokens,
+        done.cached_tokens,
+        done.completion_tokens,
+        done.time_to_first_token_ms,
+        done.tokens_per_second,
+    )

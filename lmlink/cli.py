@@ -1,0 +1,387 @@
+"""The `lmlink` command line: a thin layer over lmlink.server and lmlink.client.
+
+Exit codes: 0 ok, 1 failure (one-line reason on stderr), 2 usage error, 130 interrupted.
+Client commands never import MLX, so they start fast on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from lmlink import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit code 1."""
+
+
+def _add_server_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="server address (default: $LMLINK_SERVER, else 127.0.0.1:47470)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="deadline for the call in seconds"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmlink",
+        description="Serve an MLX model privately and stream tokens from it over gRPC.",
+        epilog="Run 'lmlink COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmlink {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model (default: the built-in tiny model, loopback only)",
+        description="Load a model and serve it over gRPC until interrupted (Ctrl-C).",
+    )
+    serve.add_argument(
+        "--model",
+        default="builtin",
+        help="'builtin', a local MLX model directory, or a Hugging Face id (default: builtin)",
+    )
+    serve.add_argument(
+        "--listen",
+        choices=("local", "tailscaled", "tsnet"),
+        default="local",
+        help="where to listen: local = loopback only, for development (default: local)",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="loopback address to bind in local mode (default: 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--grpc-port", type=_positive_int, default=47470, help="gRPC port, 0 = any (default: 47470)"
+    )
+    serve.add_argument(
+        "--max-batch", type=_positive_int, default=32, help="concurrent streams decoded together"
+    )
+    serve.add_argument(
+        "--max-queue", type=_positive_int, default=1024, help="requests allowed to wait for a slot"
+    )
+    serve.add_argument(
+        "--default-max-tokens",
+        type=_positive_int,
+        default=512,
+        help="completion length when a request does not set max_tokens (default: 512)",
+    )
+    serve.add_argument("--name", default=None, help="server name shown to clients (default: hostname)")
+    serve.add_argument(
+        "--json", action="store_true", help="print one JSON line when ready (for scripts)"
+    )
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a model, streaming the answer as it is generated",
+        description=(
+            "Send PROMPT and stream the answer. With no PROMPT: interactive when stdin is a "
+            "terminal, otherwise stdin is read as the prompt."
+        ),
+    )
+    chat.add_argument("prompt", nargs="?", help="the message to send")
+    _add_server_flag(chat)
+    chat.add_argument("--model", default="", help="model id or alias (default: server's default)")
+    chat.add_argument("--system", default=None, help="system message to start the conversation")
+    chat.add_argument("--raw", action="store_true", help="send PROMPT as raw text, no chat template")
+    chat.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate")
+    chat.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--top-k", type=int, default=None)
+    chat.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    chat.add_argument(
+        "--stop", action="append", default=[], help="stop string (repeatable)"
+    )
+    chat.add_argument(
+        "--json", action="store_true", help="print one JSON object per event instead of text"
+    )
+    chat.add_argument(
+        "--stats", action="store_true", help="print token counts and speed to stderr at the end"
+    )
+
+    models = sub.add_parser("models", help="list the models you may use on a server")
+    _add_server_flag(models)
+    models.add_argument("--json", action="store_true", help="print JSON")
+
+    status = sub.add_parser("status", help="show a server's health, load and who you are to it")
+    _add_server_flag(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+# ----- serve -------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rich.console import Console
+
+    from lmlink.engine.engine import EngineConfig
+    from lmlink.server import RunningServer, ServeOptions, serve
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.max_batch < 1:
+        raise CliError("--max-batch must be at least 1")
+    console = Console(stderr=True)
+    options = ServeOptions(
+        model=args.model,
+        listen=args.listen,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        engine=EngineConfig(
+            max_batch_size=args.max_batch,
+            max_queue=args.max_queue,
+            default_max_tokens=max(1, args.default_max_tokens),
+        ),
+    )
+    if args.name:
+        options.name = args.name
+    status = console.status(f"loading model {args.model} ...", spinner="dots")
+
+    def on_progress(message: str) -> None:
+        status.update(message + " ...")
+
+    def on_ready(running: RunningServer) -> None:
+        status.stop()
+        engine = running.registry.resolve("")
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "event": "ready",
+                        "grpc": running.grpc_address,
+                        "model": engine.model_id,
+                        "listen": args.listen,
+                    }
+                ),
+                flush=True,
+            )
+        else:
+            console.print(
+                f"[bold green]lmlink[/] serving [bold]{engine.model_id}[/] on "
+                f"{running.grpc_address} ({args.listen} mode). Ctrl-C to stop."
+            )
+
+    status.start()
+    try:
+        asyncio.run(serve(options, on_ready=on_ready, on_progress=on_progress))
+    finally:
+        status.stop()
+    return EXIT_OK
+
+
+# ----- client commands ---------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from lmlink.client import Client
+
+    return Client(args.server, timeout=args.timeout)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+
+def _stream_answer(client: Any, args: argparse.Namespace, history: list[dict[str, str]] | None, prompt: str) -> str:
+    """Stream one answer to stdout; returns its text. Ctrl-C cancels it server-side."""
+    from lmlink.client import Completed, TokenDelta
+    from lmlink.client._wire import event_to_dict
+
+    if history is None:
+        stream = client.stream(prompt=prompt, **_sampling(args))
+    else:
+        stream = client.stream(messages=history, **_sampling(args))
+    text: list[str] = []
+    try:
+        for event in stream:
+            if args.json:
+                print(json.dumps(event_to_dict(event)), flush=True)
+            elif isinstance(event, TokenDelta):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            if isinstance(event, TokenDelta):
+                text.append(event.text)
+            if isinstance(event, Completed) and args.stats:
+                u, t = event.usage, event.timings
+                print(
+                    f"\n[{event.finish_reason}: {u.prompt_tokens} prompt ({u.cached_tokens} cached)"
+                    f" + {u.completion_tokens} tokens, first token {t.time_to_first_token_ms:.0f} ms,"
+                    f" {t.tokens_per_second:.1f} tok/s]",
+                    file=sys.stderr,
+                )
+    except KeyboardInterrupt:
+        stream.cancel()
+        raise
+    if not args.json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return "".join(text)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    interactive = args.prompt is None and sys.stdin.isatty()
+    prompt = args.prompt
+    if prompt is None and not interactive:
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise CliError("no prompt given (argument or stdin)")
+    with _client(args) as client:
+        history: list[dict[str, str]] = []
+        if args.system:
+            history.append({"role": "system", "content": args.system})
+        if not interactive:
+            if args.raw:
+                _stream_answer(client, args, None, prompt)
+            else:
+                history.append({"role": "user", "content": prompt})
+                _stream_answer(client, args, history, prompt)
+            return EXIT_OK
+        print("lmlink chat: type a message, Ctrl-D to quit, Ctrl-C to stop an answer.", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return EXIT_OK
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                answer = _stream_answer(client, args, history, line)
+            except KeyboardInterrupt:
+                print("\n[stopped]", file=sys.stderr)
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": answer})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    with _client(args) as client:
+        models = client.list_models()
+    if args.json:
+        print(json.dumps([asdict(m) for m in models], indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "aliases", "state", "context", "memory", "default")
+    for m in models:
+        table.add_row(
+            m.id,
+            ", ".join(m.aliases),
+            m.state,
+            str(m.context_length),
+            _human_bytes(m.memory_bytes),
+            "yes" if m.is_default else "",
+        )
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    with _client(args) as client:
+        health = client.health()
+        info = client.server_info()
+    if args.json:
+        print(json.dumps({"target": client.target, "health": health, **asdict(info)}, indent=2))
+        return EXIT_OK
+    c = info.caller
+    lines = [
+        f"server     {info.name} at {client.target} ({info.listen_mode} mode)",
+        f"health     {health}",
+        f"version    lmlink {info.version}, protocol v{info.protocol_version}, {info.platform}",
+        f"models     {', '.join(info.models) or '(none you may use)'}",
+        f"load       {info.active_streams} active / {info.queued_requests} queued streams,"
+        f" batch up to {info.max_batch_size}, {info.recent_tokens_per_second:.1f} tok/s now",
+        f"served     {info.generated_tokens} tokens in {info.uptime_seconds:.0f} s uptime",
+        f"you are    {c.login_name} via {c.source}" + (" (owner)" if c.is_owner else ""),
+    ]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "chat": cmd_chat,
+    "models": cmd_models,
+    "status": cmd_status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from lmlink.client.errors import LmlinkError
+
+    expected: tuple[type[BaseException], ...] = (CliError, LmlinkError)
+    if args.command == "serve":
+        from lmlink.engine.types import EngineError
+        from lmlink.server import ServeError
+
+        expected += (EngineError, ServeError)
+    try:
+        return COMMANDS[args.command](args)
+    except expected as exc:
+        print(f"lmlink {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Request building and event decoding shared by the sync and async clients."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+from lmlink.v1 import inference_pb2 as pb
+
+from .events import Completed, Event, PromptProgress, Started, Timings, TokenDelta, Usage
+
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+}
+
+Message = Mapping[str, str] | tuple[str, str]
+
+
+def build_request(
+    *,
+    messages: Sequence[Message] | None = None,
+    prompt: str | None = None,
+    model: str = "",
+    request_id: str = "",
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    stop: Iterable[str] = (),
+    seed: int | None = None,
+    repetition_penalty: float | None = None,
+) -> pb.GenerateRequest:
+    if (messages is None) == (prompt is None):
+        raise ValueError("pass exactly one of messages= or prompt=")
+    sampling = pb.SamplingParams(stop=list(stop))
+    for name, value in (
+        ("max_tokens", max_tokens),
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("top_k", top_k),
+        ("min_p", min_p),
+        ("seed", seed),
+        ("repetition_penalty", repetition_penalty),
+    ):
+        if value is not None:
+            setattr(sampling, name, value)
+    request = pb.GenerateRequest(model=model, request_id=request_id, sampling=sampling)
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        for m in messages or ():
+            role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+            request.chat.messages.add(role=role, content=content)
+        if not request.HasField("chat"):
+            request.chat.SetInParent()
+    return request
+
+
+def decode_event(message: pb.GenerateEvent) -> Event:
+    rid = message.request_id
+    kind = message.WhichOneof("event")
+    if kind == "delta":
+        return TokenDelta(rid, message.delta.text, tuple(message.delta.token_ids))
+    if kind == "started":
+        s = message.started
+        return Started(rid, s.model, s.prompt_tokens, s.cached_tokens)
+    if kind == "prompt_progress":
+        p = message.prompt_progress
+        return PromptProgress(rid, p.processed_tokens, p.total_tokens)
+    if kind == "completed":
+        c = message.completed
+        u, t = c.usage, c.timings
+        return Completed(
+            rid,
+            _FINISH.get(c.finish_reason, "unspecified"),  # type: ignore[arg-type]
+            Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+            Timings(
+                t.time_to_first_token_ms,
+                t.total_ms,
+                t.tokens_per_second,
+                t.prompt_tokens_per_second,
+                t.queued_ms,
+            ),
+        )
+    raise ValueError(f"unknown event kind {kind!r}")
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """JSON-ready form used by `lmlink chat --json`."""
+    from dataclasses import asdict
+
+    data = asdict(event)
+    data["type"] = {
+        Started: "started",
+        PromptProgress: "prompt_progress",
+        TokenDelta: "delta",
+        Completed: "completed",
+    }[type(event)]
+    if isinstance(event, TokenDelta):
+        data["token_ids"] = list(event.token_ids)
+    return data

@@ -1,0 +1,126 @@
+"""asyncio Python client with the same surface as the blocking one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lmlink.v1 import inference_pb2 as pb
+from lmlink.v1 import inference_pb2_grpc as pb_grpc
+
+from ._wire import Message, build_request, decode_event
+from .errors import from_rpc_error
+from .events import Event, Generation
+from .info import ModelInfo, ServerInfo
+from .sync import _CHANNEL_OPTIONS, resolve_target
+
+
+class AsyncGenerationStream:
+    """Async iterator over one generation's events; `cancel()` stops it server-side too."""
+
+    def __init__(self, call: Any, target: str) -> None:
+        self._call = call
+        self._target = target
+        self._cancelled = False
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        try:
+            async for message in self._call:
+                yield decode_event(message)
+        except asyncio.CancelledError:
+            self._call.cancel()
+            raise
+        except grpc.RpcError as exc:
+            if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise from_rpc_error(exc, self._target) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    async def collect(self) -> Generation:
+        result = Generation()
+        async for event in self:
+            result.add(event)
+        return result
+
+
+class AsyncClient:
+    """Talks to one lmlink server from asyncio code. `async with AsyncClient(...) as c:`."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = resolve_target(target)
+        self.timeout = timeout
+        opts = [*_CHANNEL_OPTIONS, *options]
+        self._channel = (
+            grpc.aio.secure_channel(self.target, credentials, options=opts)
+            if credentials is not None
+            else grpc.aio.insecure_channel(self.target, options=opts)
+        )
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from None
+
+    def stream(
+        self,
+        *,
+        messages: Sequence[Message] | None = None,
+        prompt: str | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> AsyncGenerationStream:
+        request = build_request(messages=messages, prompt=prompt, **options)
+        deadline = timeout if timeout is not None else self.timeout
+        return AsyncGenerationStream(self._stub.Generate(request, timeout=deadline), self.target)
+
+    async def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
+        return await self.stream(messages=messages, **options).collect()
+
+    async def complete(self, prompt: str, **options: Any) -> Generation:
+        return await self.stream(prompt=prompt, **options).collect()
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        reply = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [ModelInfo.from_wire(m) for m in reply.models]
+
+    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        reply = await self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
+        return ServerInfo.from_wire(reply)
+
+    async def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
+        request = pb.CancelRequest(request_id=request_id)
+        return (await self._unary(self._stub.Cancel, request, timeout)).cancelled
+
+    async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        reply = await self._unary(
+            stub.Check, health_pb2.HealthCheckRequest(service=service), timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

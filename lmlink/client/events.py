@@ -1,0 +1,81 @@
+"""Events a client sees while a generation streams; plain dataclasses, no wire types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+FinishReason = Literal["stop", "length", "cancelled", "unspecified"]
+
+
+@dataclass(frozen=True)
+class Started:
+    request_id: str
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class PromptProgress:
+    request_id: str
+    processed_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    time_to_first_token_ms: float
+    total_ms: float
+    tokens_per_second: float
+    prompt_tokens_per_second: float
+    queued_ms: float
+
+
+@dataclass(frozen=True)
+class Completed:
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+Event = Union[Started, PromptProgress, TokenDelta, Completed]
+
+
+@dataclass
+class Generation:
+    """A whole finished generation, for callers that do not need the stream."""
+
+    request_id: str = ""
+    model: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    completed: Completed | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, Started):
+            self.request_id, self.model = event.request_id, event.model
+        elif isinstance(event, TokenDelta):
+            self.text += event.text
+            self.token_ids.extend(event.token_ids)
+        elif isinstance(event, Completed):
+            self.completed = event
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.completed.finish_reason if self.completed else None

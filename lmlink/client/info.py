@@ -1,0 +1,69 @@
+"""Plain views of ListModels / GetServerInfo answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmlink.v1 import inference_pb2 as pb
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    aliases: tuple[str, ...]
+    state: str
+    context_length: int
+    memory_bytes: int
+    is_default: bool
+
+    @classmethod
+    def from_wire(cls, m: pb.Model) -> "ModelInfo":
+        return cls(m.id, tuple(m.aliases), m.state, m.context_length, m.memory_bytes, m.is_default)
+
+
+@dataclass(frozen=True)
+class CallerInfo:
+    login_name: str
+    display_name: str
+    node_name: str
+    tags: tuple[str, ...]
+    source: str
+    is_owner: bool
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    name: str
+    version: str
+    protocol_version: int
+    listen_mode: str
+    models: tuple[str, ...]
+    active_streams: int
+    queued_requests: int
+    max_batch_size: int
+    uptime_seconds: float
+    platform: str
+    generated_tokens: int
+    recent_tokens_per_second: float
+    caller: CallerInfo
+
+    @classmethod
+    def from_wire(cls, s: pb.ServerInfo) -> "ServerInfo":
+        c = s.caller
+        return cls(
+            s.name,
+            s.version,
+            s.protocol_version,
+            s.listen_mode,
+            tuple(s.models),
+            s.active_streams,
+            s.queued_requests,
+            s.max_batch_size,
+            s.uptime_seconds,
+            s.platform,
+            s.generated_tokens,
+            s.recent_tokens_per_second,
+            CallerInfo(
+                c.login_name, c.display_name, c.node_name, tuple(c.tags), c.source, c.is_owner
+            ),
+        )

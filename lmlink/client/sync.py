@@ -1,0 +1,134 @@
+"""Blocking Python client: iterate events as they arrive, with deadlines and cancellation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lmlink.v1 import inference_pb2 as pb
+from lmlink.v1 import inference_pb2_grpc as pb_grpc
+
+from ._wire import Message, build_request, decode_event
+from .errors import Cancelled, LmlinkError, from_rpc_error
+from .events import Event, Generation
+from .info import ModelInfo, ServerInfo
+
+DEFAULT_TARGET = "127.0.0.1:47470"
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]
+
+
+def resolve_target(target: str | None) -> str:
+    """Explicit target, else $LMLINK_SERVER, else the local default."""
+    return target or os.environ.get("LMLINK_SERVER") or DEFAULT_TARGET
+
+
+class GenerationStream:
+    """Iterator over one generation's events; `cancel()` stops it server-side too."""
+
+    def __init__(self, call: Any, target: str) -> None:
+        self._call = call
+        self._target = target
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[Event]:
+        try:
+            for message in self._call:
+                yield decode_event(message)
+        except grpc.RpcError as exc:
+            if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise from_rpc_error(exc, self._target) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    def collect(self) -> Generation:
+        result = Generation()
+        for event in self:
+            result.add(event)
+        return result
+
+
+class Client:
+    """Talks to one lmlink server. Use as a context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = resolve_target(target)
+        self.timeout = timeout
+        opts = [*_CHANNEL_OPTIONS, *options]
+        self._channel = (
+            grpc.secure_channel(self.target, credentials, options=opts)
+            if credentials is not None
+            else grpc.insecure_channel(self.target, options=opts)
+        )
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from None
+
+    def stream(
+        self,
+        *,
+        messages: Sequence[Message] | None = None,
+        prompt: str | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> GenerationStream:
+        """Start a generation; iterate the result for Started, TokenDelta... Completed."""
+        request = build_request(messages=messages, prompt=prompt, **options)
+        deadline = timeout if timeout is not None else self.timeout
+        call = self._stub.Generate(request, timeout=deadline)
+        return GenerationStream(call, self.target)
+
+    def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
+        return self.stream(messages=messages, **options).collect()
+
+    def complete(self, prompt: str, **options: Any) -> Generation:
+        return self.stream(prompt=prompt, **options).collect()
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        reply = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [ModelInfo.from_wire(m) for m in reply.models]
+
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        reply = self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
+        return ServerInfo.from_wire(reply)
+
+    def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
+        reply = self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id), timeout)
+        return reply.cancelled
+
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        """'SERVING', 'NOT_SERVING' or 'SERVICE_UNKNOWN' from the standard health service."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        reply = self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+__all__ = ["Client", "GenerationStream", "LmlinkError", "Cancelled", "resolve_target"]

@@ -1,0 +1,409 @@
+"""Continuous batching over mlx-lm's BatchGenerator, driven by one worker thread.
+
+Why one thread: MLX work for a model must stay on one stream and one thread, and a single
+loop lets every step admit new requests and drop cancelled ones before the next forward
+pass. Callers talk to the worker only through `submit` / `cancel` (thread-safe); results go
+out through each request's `EventSink`, grouped per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+from .loader import LoadedModel
+from .prompts import encode_prompt
+from .sampling import make_processors, make_sampler
+from .stops import StopStringMatcher
+from .types import (
+    Completed,
+    DuplicateRequestId,
+    EngineError,
+    EngineStopped,
+    Event,
+    EventSink,
+    Failed,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    PromptProgress,
+    Started,
+    TokenDelta,
+)
+
+log = logging.getLogger("lmlink.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching limits; defaults suit a single Mac serving a handful of users."""
+
+    max_batch_size: int = 32
+    prefill_batch_size: int = 8
+    prefill_step_size: int = 512
+    max_queue: int = 1024
+    default_max_tokens: int = 512
+    prompt_cache_entries: int = 16
+    prompt_cache_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    active: int
+    queued: int
+    generated_tokens: int
+    recent_tokens_per_second: float
+    max_batch_size: int
+
+
+@dataclass(eq=False)
+class _Request:
+    """A request's state from submission until its final event; touched by the worker only."""
+
+    request: GenerationRequest
+    sink: EventSink
+    prompt: list[int]
+    max_tokens: int
+    submitted: float
+    uid: int = -1
+    admitted: float = 0.0
+    first_token: float = 0.0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    detokenizer: Any = None
+    stops: StopStringMatcher | None = None
+    pending: list[Event] = field(default_factory=list)
+
+
+class Engine:
+    """Serves one loaded model to many concurrent requests."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self._tokenizer = loaded.tokenizer
+        self._eos = sorted(set(loaded.tokenizer.eos_token_ids or ()))
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._incoming: deque[_Request] = deque()
+        self._cancels: set[str] = set()
+        self._by_id: dict[str, _Request] = {}
+        self._by_uid: dict[int, _Request] = {}
+        self._stopping = False
+        self._dead: EngineError | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmlink-engine", daemon=True)
+        self._step_listeners: list[Callable[[], None]] = []
+        self._prompt_cache = LRUPromptCache(
+            max_size=self.config.prompt_cache_entries, max_bytes=self.config.prompt_cache_bytes
+        )
+        self._generated_tokens = 0
+        self._recent: deque[tuple[float, int]] = deque()
+
+    # ----- public, thread-safe --------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.id
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def add_step_listener(self, listener: Callable[[], None]) -> None:
+        """Called on the worker thread after each step's events were delivered (must not block)."""
+        self._step_listeners.append(listener)
+
+    def submit(self, request: GenerationRequest, sink: EventSink) -> str:
+        """Validate, tokenize and queue a request; raises `EngineError` subclasses synchronously."""
+        request.sampling.validate()
+        prompt = encode_prompt(self._tokenizer, request)
+        context = self.loaded.context_length
+        if len(prompt) >= context:
+            raise InvalidRequest(
+                f"prompt is {len(prompt)} tokens but the model context is {context} tokens"
+            )
+        room = context - len(prompt)
+        wanted = request.sampling.max_tokens
+        if wanted is not None and wanted > room:
+            raise InvalidRequest(
+                f"max_tokens {wanted} does not fit: prompt is {len(prompt)} tokens and the "
+                f"model context is {context} tokens (at most {room} more)"
+            )
+        max_tokens = wanted if wanted is not None else min(self.config.default_max_tokens, room)
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id != request.request_id:
+            request = _with_id(request, request_id)
+        state = _Request(request, sink, prompt, max_tokens, time.perf_counter())
+        with self._lock:
+            if self._stopping or self._dead is not None:
+                raise self._dead or EngineStopped("the server is shutting down")
+            if request_id in self._by_id:
+                raise DuplicateRequestId(f"request id {request_id!r} is already running")
+            if len(self._incoming) >= self.config.max_queue:
+                raise Overloaded(
+                    f"{len(self._incoming)} requests are already waiting; retry shortly"
+                )
+            self._by_id[request_id] = state
+            self._incoming.append(state)
+            self._wake.notify()
+        return request_id
+
+    def cancel(self, request_id: str, owner: str | None = None) -> bool:
+        """Ask the worker to stop a request; False if no such request (or not the owner's)."""
+        with self._lock:
+            state = self._by_id.get(request_id)
+            if state is None or (owner is not None and state.request.owner != owner):
+                return False
+            self._cancels.add(request_id)
+            self._wake.notify()
+            return True
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            queued = len(self._incoming)
+            active = len(self._by_id) - queued
+            now = time.perf_counter()
+            recent = [(t, n) for t, n in tuple(self._recent) if now - t <= 5.0]
+        span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+        tps = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+        return EngineStats(
+            active=active,
+            queued=queued,
+            generated_tokens=self._generated_tokens,
+            recent_tokens_per_second=tps,
+            max_batch_size=self.config.max_batch_size,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        return self._ready.is_set() and self._dead is None and not self._stopping
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ----- worker thread --------------------------------------------------------------------
+
+    def _new_generator(self) -> BatchGenerator:
+        cfg = self.config
+        return BatchGenerator(
+            self.loaded.model,
+            max_tokens=cfg.default_max_tokens,
+            stop_tokens=[[t] for t in self._eos],
+            completion_batch_size=cfg.max_batch_size,
+            prefill_batch_size=cfg.prefill_batch_size,
+            prefill_step_size=cfg.prefill_step_size,
+        )
+
+    def _run(self) -> None:
+        generator = self._new_generator()
+        self._ready.set()
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stopping or self._incoming or self._cancels or self._by_uid):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    room = self.config.max_batch_size + self.config.prefill_batch_size
+                    room -= len(self._by_uid)
+                    admit = [self._incoming.popleft() for _ in range(min(room, len(self._incoming)))]
+                    cancels, self._cancels = self._cancels, set()
+                try:
+                    self._step(generator, admit, cancels)
+                except Exception:
+                    # A bug, not bad input: log it, fail the requests in flight, keep serving.
+                    log.exception("generation step failed; failing the requests in flight")
+                    self._fail_active(EngineError("internal error during generation"))
+                    generator = self._new_generator()
+        except BaseException as exc:  # pragma: no cover - the worker must never die silently
+            log.exception("engine worker died")
+            self._dead = EngineStopped(f"the engine stopped: {exc.__class__.__name__}")
+        finally:
+            self._fail_everything(self._dead or EngineStopped("the server is shutting down"))
+
+    def _step(self, generator: BatchGenerator, admit: list[_Request], cancels: set[str]) -> None:
+        touched: dict[int, _Request] = {}
+        if cancels:
+            self._apply_cancels(generator, cancels, touched)
+        for state in admit:
+            self._admit(generator, state)
+            touched[id(state)] = state
+        if self._by_uid:
+            prompt_responses, generation_responses = generator.next()
+            self._on_prompt_progress(prompt_responses, touched)
+            self._on_tokens(generator, generation_responses, touched)
+        self._deliver(touched.values())
+
+    def _admit(self, generator: BatchGenerator, state: _Request) -> None:
+        prompt = state.prompt
+        cache, rest = self._prompt_cache.fetch_nearest_cache(self.model_id, prompt)
+        if cache is not None and not rest:
+            # An exact hit leaves nothing to feed; recompute the last token to get logits.
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = prompt[-1:]
+            else:
+                cache, rest = None, prompt
+        cached = len(prompt) - len(rest)
+        sampling = state.request.sampling
+        (uid,) = generator.insert(
+            [rest],
+            max_tokens=[state.max_tokens],
+            caches=[cache],
+            all_tokens=[prompt[:cached]],
+            samplers=[make_sampler(sampling)],
+            logits_processors=[make_processors(sampling)],
+        )
+        state.uid = uid
+        state.admitted = time.perf_counter()
+        state.cached_tokens = cached
+        state.detokenizer = self._tokenizer.detokenizer
+        state.stops = StopStringMatcher(sampling.stop)
+        self._by_uid[uid] = state
+        state.pending.append(Started(self.model_id, len(prompt), cached))
+
+    def _apply_cancels(
+        self, generator: BatchGenerator, ids: set[str], touched: dict[int, _Request]
+    ) -> None:
+        with self._lock:
+            states = [s for s in (self._by_id.get(i) for i in ids) if s is not None]
+            for s in states:
+                if s in self._incoming:
+                    self._incoming.remove(s)
+        uids = [s.uid for s in states if s.uid >= 0]
+        if uids:
+            generator.remove(uids)
+        for s in states:
+            self._finish(s, "cancelled")
+            touched[id(s)] = s
+
+    def _on_prompt_progress(self, responses: Sequence[Any], touched: dict[int, _Request]) -> None:
+        for r in responses:
+            state = self._by_uid.get(r.uid)
+            processed, total = r.progress
+            # One-chunk prompts finish before a progress report would be useful.
+            if state is None or total <= self.config.prefill_step_size or r.end_of_prompt:
+                continue
+            state.pending.append(PromptProgress(int(processed), int(total)))
+            touched[id(state)] = state
+
+    def _on_tokens(
+        self, generator: BatchGenerator, responses: Sequence[Any], touched: dict[int, _Request]
+    ) -> None:
+        now = time.perf_counter()
+        stopped_by_text: list[_Request] = []
+        for r in responses:
+            state = self._by_uid.get(r.uid)
+            if state is None:
+                continue
+            touched[id(state)] = state
+            if not state.first_token:
+                state.first_token = now
+            detok = state.detokenizer
+            ids: list[int] = []
+            if r.finish_reason == "stop":
+                detok.finalize()  # the end-of-sequence token itself is not output
+            else:
+                detok.add_token(r.token)
+                ids.append(r.token)
+                state.completion_tokens += 1
+                if r.finish_reason is not None:
+                    detok.finalize()
+            text, matched = state.stops.feed(detok.last_segment)
+            if r.finish_reason is not None and not matched:
+                text += state.stops.flush()
+            if text or ids:
+                state.pending.append(TokenDelta(text, ids))
+            if r.finish_reason is not None:
+                self._remember_cache(r.all_tokens, r.prompt_cache)
+                self._finish(state, "stop" if matched else r.finish_reason)
+            elif matched:
+                stopped_by_text.append(state)
+        self._generated_tokens += len(responses)
+        self._recent.append((now, len(responses)))
+        while self._recent and now - self._recent[0][0] > 5.0:
+            self._recent.popleft()
+        if stopped_by_text:
+            caches = generator.remove([s.uid for s in stopped_by_text], return_prompt_caches=True)
+            for state in stopped_by_text:
+                cache, tokens = caches.get(state.uid, (None, None))
+                self._remember_cache(tokens, cache)
+                self._finish(state, "stop")
+
+    def _remember_cache(self, tokens: list[int] | None, cache: Any) -> None:
+        if tokens and cache is not None:
+            self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)
+
+    def _finish(self, state: _Request, reason: FinishReason) -> None:
+        now = time.perf_counter()
+        self._by_uid.pop(state.uid, None)
+        with self._lock:
+            self._by_id.pop(state.request.request_id, None)
+        first = state.first_token or now
+        decode_s = now - first
+        prefill_s = first - state.admitted if state.admitted else 0.0
+        computed = len(state.prompt) - state.cached_tokens
+        state.pending.append(
+            Completed(
+                finish_reason=reason,
+                prompt_tokens=len(state.prompt),
+                completion_tokens=state.completion_tokens,
+                cached_tokens=state.cached_tokens,
+                time_to_first_token_ms=(first - state.submitted) * 1000 if state.first_token else 0.0,
+                total_ms=(now - state.submitted) * 1000,
+                tokens_per_second=(state.completion_tokens - 1) / decode_s
+                if decode_s > 0 and state.completion_tokens > 1
+                else 0.0,
+                prompt_tokens_per_second=computed / prefill_s if prefill_s > 0 else 0.0,
+                queued_ms=((state.admitted or now) - state.submitted) * 1000,
+            )
+        )
+
+    def _deliver(self, states: Any) -> None:
+        for state in states:
+            if state.pending:
+                events, state.pending = state.pending, []
+                state.sink.deliver(events)
+        for listener in self._step_listeners:
+            listener()
+
+    def _fail_active(self, error: EngineError) -> None:
+        states = list(self._by_uid.values())
+        self._by_uid.clear()
+        with self._lock:
+            for s in states:
+                self._by_id.pop(s.request.request_id, None)
+        for s in states:
+            s.pending.append(Failed(error))
+        self._deliver(states)
+
+    def _fail_everything(self, error: EngineError) -> None:
+        with self._lock:
+            self._stopping = True
+            states = list(self._by_id.values())
+            self._by_id.clear()
+            self._incoming.clear()
+        self._by_uid.clear()
+        for s in states:
+            s.pending.append(Failed(error))
+        self._deliver(states)
+
+
+def _with_id(request: GenerationRequest, request_id: str) -> GenerationRequest:
+    from dataclasses import replace
+
+    return replace(request, request_id=request_id)

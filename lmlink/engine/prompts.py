@@ -1,0 +1,40 @@
+"""Turn a request's chat messages or raw prompt into token ids, with clear errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .types import CHAT_ROLES, GenerationRequest, InvalidRequest
+
+MAX_MESSAGES = 1024
+
+
+def encode_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
+    """Token ids the model sees: the chat template applied to messages, or the raw prompt."""
+    if (request.messages is None) == (request.prompt is None):
+        raise InvalidRequest("send either chat messages or a raw prompt")
+    if request.prompt is not None:
+        if not request.prompt:
+            raise InvalidRequest("prompt is empty")
+        return list(tokenizer.encode(request.prompt, add_special_tokens=False))
+    messages = request.messages or ()
+    if not messages:
+        raise InvalidRequest("messages is empty; send at least one chat message")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"at most {MAX_MESSAGES} messages are allowed, got {len(messages)}")
+    for i, turn in enumerate(messages):
+        if turn.role not in CHAT_ROLES:
+            raise InvalidRequest(
+                f"message {i} has role {turn.role!r}; use system, user or assistant"
+            )
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this model has no chat template; send a raw prompt instead")
+    text = tokenizer.apply_chat_template(
+        [{"role": t.role, "content": t.content} for t in messages],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if not ids:
+        raise InvalidRequest("the conversation encodes to no tokens")
+    return ids

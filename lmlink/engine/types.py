@@ -1,0 +1,152 @@
+"""Engine vocabulary: requests in, events out, errors. No network, no wire types."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+FinishReason = Literal["stop", "length", "cancelled"]
+ChatRole = Literal["system", "user", "assistant"]
+CHAT_ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
+
+
+class EngineError(Exception):
+    """Base of errors the engine reports to callers as an expected failure (no traceback)."""
+
+
+class InvalidRequest(EngineError):
+    """The request can never succeed as written (bad parameters, too long for the context)."""
+
+
+class ModelNotFound(EngineError):
+    """No served model has this name."""
+
+
+class Overloaded(EngineError):
+    """The waiting queue is full; the caller should retry later."""
+
+
+class EngineStopped(EngineError):
+    """The engine is shutting down or its worker died."""
+
+
+class DuplicateRequestId(EngineError):
+    """Another running request already uses this request id."""
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Sampling knobs; validated by `validate()` so every entry point gets the same messages."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repetition_penalty: float | None = None
+
+    def validate(self) -> None:
+        def finite(name: str, value: float) -> None:
+            if not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value}")
+
+        finite("temperature", self.temperature)
+        finite("top_p", self.top_p)
+        finite("min_p", self.min_p)
+        if self.temperature < 0 or self.temperature > 100:
+            raise InvalidRequest(f"temperature must be between 0 and 100, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise InvalidRequest(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.repetition_penalty is not None:
+            finite("repetition_penalty", self.repetition_penalty)
+            if self.repetition_penalty <= 0:
+                raise InvalidRequest(
+                    f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+                )
+        if len(self.stop) > 16:
+            raise InvalidRequest(f"at most 16 stop strings are allowed, got {len(self.stop)}")
+        for s in self.stop:
+            if not s:
+                raise InvalidRequest("stop strings must not be empty")
+            if len(s) > 256:
+                raise InvalidRequest("stop strings must be at most 256 characters")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: exactly one of `messages` (chat) or `prompt` (raw text) is set."""
+
+    request_id: str
+    messages: tuple[ChatTurn, ...] | None = None
+    prompt: str | None = None
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # Free-form owner of the request (e.g. an identity label); lets Cancel check ownership.
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class Started:
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class PromptProgress:
+    processed_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class TokenDelta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Completed:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    time_to_first_token_ms: float
+    total_ms: float
+    tokens_per_second: float
+    prompt_tokens_per_second: float
+    queued_ms: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine could not finish this request (e.g. its worker died)."""
+
+    error: EngineError
+
+
+Event = Started | PromptProgress | TokenDelta | Completed | Failed
+
+
+class EventSink(Protocol):
+    """Receives a request's events from the engine thread.
+
+    `deliver` is called at most once per engine step per request, with every event that step
+    produced, so a consumer can wake its reader once per step rather than once per token.
+    It must not block.
+    """
+
+    def deliver(self, events: Sequence[Event]) -> None: ...

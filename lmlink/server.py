@@ -1,0 +1,131 @@
+"""Assemble a running server: listener, gRPC service, health, reflection, engine.
+
+The listener comes up first and reports NOT_SERVING while the model loads, so health checks
+and clients get a clear answer ("still loading") instead of a refused connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lmlink.api.gate import Gate, LoopbackGate
+from lmlink.api.grpc_service import InferenceService, ServerFacts
+from lmlink.api.streams import StreamHub
+from lmlink.engine.engine import Engine, EngineConfig
+from lmlink.engine.loader import LoadedModel, load_model
+from lmlink.engine.registry import ModelRegistry
+from lmlink.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger("lmlink.server")
+
+DEFAULT_GRPC_PORT = 47470
+DEFAULT_HTTP_PORT = 47471
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ServeError(Exception):
+    """An expected reason `serve` cannot run (port taken, bad listen address, model missing)."""
+
+
+@dataclass
+class ServeOptions:
+    model: str = "builtin"
+    listen: str = "local"
+    host: str = "127.0.0.1"
+    grpc_port: int = DEFAULT_GRPC_PORT
+    name: str = field(default_factory=socket.gethostname)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class RunningServer:
+    """Handles a caller (CLI or tests) needs while the server runs."""
+
+    grpc_address: str
+    registry: ModelRegistry
+    stopped: asyncio.Event
+
+
+def grpc_channel_options() -> list[tuple[str, int]]:
+    # Prompts can be long; keep the limit explicit on both sides.
+    return [
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ]
+
+
+async def serve(
+    options: ServeOptions,
+    *,
+    on_ready: Callable[[RunningServer], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
+    loaded: LoadedModel | None = None,
+    gate: Gate | None = None,
+) -> None:
+    """Run until SIGINT/SIGTERM (or the returned `stopped` event is set)."""
+    if options.listen != "local":
+        raise ServeError(
+            f"--listen {options.listen} is not available in this build; use --listen local"
+        )
+    if options.host not in LOOPBACK_HOSTS:
+        raise ServeError(f"local mode only listens on loopback, not {options.host!r}")
+    loop = asyncio.get_running_loop()
+    registry = ModelRegistry()
+    hub = StreamHub(loop)
+    ready = asyncio.Event()
+    facts = ServerFacts(name=options.name, listen_mode=options.listen, started_at=time.time())
+    service = InferenceService(registry, hub, gate or LoopbackGate(), facts, ready.is_set)
+
+    server = grpc.aio.server(options=grpc_channel_options())
+    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    try:
+        port = server.add_insecure_port(f"{host}:{options.grpc_port}")
+    except RuntimeError as exc:
+        raise ServeError(f"cannot listen on {host}:{options.grpc_port}: {exc}") from exc
+    for svc in ("", SERVICE_NAME):
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+
+    stopped = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stopped.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    try:
+        if loaded is None:
+            loaded = await asyncio.to_thread(load_model, options.model, progress=on_progress)
+        engine = Engine(loaded, options.engine)
+        engine.add_step_listener(hub.on_step)
+        await asyncio.to_thread(engine.start)
+        registry.add(engine, default=True)
+        ready.set()
+        for svc in ("", SERVICE_NAME):
+            await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d (listen mode %s)", loaded.id, host, port, options.listen)
+        if on_ready:
+            on_ready(RunningServer(f"{host}:{port}", registry, stopped))
+        await stopped.wait()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+        await asyncio.to_thread(registry.stop_all)
