@@ -363,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # grpc core prints its own multi-line errors to stderr; we report failures in one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from lmlink.client.errors import LmlinkError
 
     expected: tuple[type[BaseException], ...] = (CliError, LmlinkError)

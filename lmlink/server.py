@@ -57,6 +57,19 @@ class RunningServer:
     stopped: asyncio.Event
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Fail with the OS's reason (e.g. 'Address already in use'); grpc's own error hides it."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def grpc_channel_options() -> list[tuple[str, int]]:
     # Prompts can be long; keep the limit explicit on both sides.
     return [
@@ -97,6 +110,7 @@ async def serve(
         server,
     )
     host = f"[{options.host}]" if ":" in options.host else options.host
+    check_bindable(options.host, options.grpc_port)
     try:
         port = server.add_insecure_port(f"{host}:{options.grpc_port}")
     except RuntimeError as exc:

@@ -34,6 +34,8 @@ class AsyncGenerationStream:
             async for message in self._call:
                 yield decode_event(message)
         except asyncio.CancelledError:
+            if self._cancelled:  # grpc.aio reports our own cancel() this way
+                return
             self._call.cancel()
             raise
         except grpc.RpcError as exc:

@@ -1,0 +1,37 @@
+# The two commands: `make serve` (run lmlink on its built-in model) and `make test`.
+# Both set everything up on first use: Debian packages (when root), a virtualenv, the package.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+# MLX's CPU build ships a slow reference BLAS; Debian's OpenBLAS is much faster (Linux only).
+OPENBLAS := $(firstword $(wildcard /usr/lib/*/openblas-pthread/libblas.so.3))
+RUN_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
+
+.PHONY: setup serve test bench proto clean
+
+$(STAMP): pyproject.toml scripts/system-packages.txt
+	./scripts/install-system-deps.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(RUN_ENV) $(VENV)/bin/lmlink serve $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(RUN_ENV) $(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(RUN_ENV) $(PY) bench/run.py $(ARGS)
+
+proto: setup
+	PYTHON=$(PY) ./scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

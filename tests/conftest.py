@@ -1,0 +1,93 @@
+"""Shared fixtures: a real `lmlink serve` subprocess on loopback and an in-process engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+TEST_MODEL = os.environ.get("LMLINK_TEST_MODEL", "builtin")
+
+
+@dataclass
+class ServerProcess:
+    address: str
+    model: str
+    process: subprocess.Popen
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def lmlink_cmd(*args: str) -> list[str]:
+    """The real console entry point, run with this interpreter."""
+    return [sys.executable, "-m", "lmlink.cli", *args]
+
+
+def start_server(*extra: str, model: str = TEST_MODEL, timeout: float = 60.0) -> ServerProcess:
+    proc = subprocess.Popen(
+        lmlink_cmd("serve", "--model", model, "--grpc-port", "0", "--json", "--log-level", "warning", *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"lmlink serve exited early: {err[-2000:]}")
+        try:
+            ready = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if ready.get("event") == "ready":
+            return ServerProcess(ready["grpc"], ready["model"], proc)
+    stop_server(proc)
+    raise RuntimeError("lmlink serve did not become ready in time")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    srv = start_server()
+    yield srv
+    stop_server(srv.process)
+
+
+@pytest.fixture(scope="session")
+def loaded_model():
+    from lmlink.engine.loader import load_model
+
+    return load_model(TEST_MODEL)
+
+
+@pytest.fixture(scope="session")
+def engine(loaded_model):
+    from lmlink.engine.engine import Engine
+
+    eng = Engine(loaded_model)
+    eng.start()
+    yield eng
+    eng.stop()

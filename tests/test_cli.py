@@ -1,0 +1,144 @@
+"""The `lmlink` command line, run as a real subprocess against a real server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import lmlink_cmd, start_server, stop_server
+
+
+def lmlink(*args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(lmlink_cmd(*args), capture_output=True, text=True, input=input, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int = 1) -> None:
+    assert result.returncode == code, result
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_help_lists_commands():
+    result = lmlink("--help")
+    assert result.returncode == 0
+    for command in ("serve", "chat", "models", "status"):
+        assert command in result.stdout
+    assert lmlink("serve", "--help").returncode == 0
+
+
+def test_no_command_is_usage_error():
+    assert lmlink().returncode == 2
+    assert lmlink("chat", "--max-tokens", "lots", "hi").returncode == 2
+
+
+def test_chat_prints_the_answer(server):
+    result = lmlink("chat", "--server", server.address, "--max-tokens", "12", "Tell me about the river.")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "no answer printed"
+
+
+def test_chat_json_emits_one_object_per_event(server):
+    result = lmlink("chat", "--server", server.address, "--max-tokens", "8", "--json", "hello")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "completed"
+    assert set(kinds[1:-1]) <= {"delta", "prompt_progress"}
+    assert events[-1]["usage"]["completion_tokens"] == sum(len(e["token_ids"]) for e in events if e["type"] == "delta")
+
+
+def test_chat_streams_before_the_answer_is_complete(server):
+    proc = subprocess.Popen(
+        lmlink_cmd("chat", "--server", server.address, "--json", "--max-tokens", "1500", "--raw", "Once upon a time"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen_delta = False
+        for line in proc.stdout:
+            if json.loads(line)["type"] == "delta":
+                seen_delta = True
+                break
+        assert seen_delta
+        assert proc.poll() is None, "the first token should arrive while generation is still running"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_chat_reads_prompt_from_stdin(server):
+    result = lmlink("chat", "--server", server.address, "--max-tokens", "5", "--json", input="hello from a pipe")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["type"] == "completed"
+
+
+def test_env_var_selects_server(server, monkeypatch):
+    monkeypatch.setenv("LMLINK_SERVER", server.address)
+    result = lmlink("models", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [m["id"] for m in json.loads(result.stdout)] == [server.model]
+
+
+def test_models_and_status(server):
+    table = lmlink("models", "--server", server.address)
+    assert table.returncode == 0 and server.model in table.stdout
+    status = lmlink("status", "--server", server.address, "--json")
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["health"] == "SERVING" and info["caller"]["is_owner"]
+    human = lmlink("status", "--server", server.address)
+    assert "SERVING" in human.stdout and "you are" in human.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--max-tokens", "-4", "hi"], "max_tokens"),
+        (["--model", "ghost", "hi"], "ghost"),
+        (["--temperature", "nan", "hi"], "finite"),
+    ],
+)
+def test_chat_bad_input_is_one_line(server, args, words):
+    result = lmlink("chat", "--server", server.address, *args)
+    assert_one_line_error(result)
+    assert words in result.stderr
+
+
+def test_unreachable_server_is_one_line():
+    result = lmlink("status", "--server", "127.0.0.1:1", "--timeout", "3")
+    assert_one_line_error(result)
+    assert "cannot reach" in result.stderr
+
+
+def test_serve_refuses_non_loopback_in_local_mode():
+    result = lmlink("serve", "--host", "0.0.0.0", "--grpc-port", "0")
+    assert_one_line_error(result)
+    assert "loopback" in result.stderr
+
+
+def test_serve_reports_busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = lmlink("serve", "--grpc-port", str(port))
+    assert_one_line_error(result)
+    assert str(port) in result.stderr
+
+
+def test_serve_unknown_model_is_one_line(tmp_path):
+    result = lmlink("serve", "--model", str(tmp_path), "--grpc-port", "0")
+    assert_one_line_error(result)
+    assert "config.json" in result.stderr
+
+
+def test_serve_stops_cleanly_on_sigterm():
+    srv = start_server()
+    start = time.monotonic()
+    stop_server(srv.process)
+    assert srv.process.returncode == 0
+    assert time.monotonic() - start < 10

@@ -1,0 +1,192 @@
+"""The batching engine in-process: determinism, batching, stops, cancellation, caching, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from lmlink.engine.types import (
+    ChatTurn,
+    Completed,
+    DuplicateRequestId,
+    GenerationRequest,
+    InvalidRequest,
+    PromptProgress,
+    SamplingOptions,
+    Started,
+    TokenDelta,
+)
+from support.collect import CollectingSink, completed, text, token_ids
+
+
+def chat(content: str, rid: str = "", **sampling) -> GenerationRequest:
+    return GenerationRequest(
+        rid, messages=(ChatTurn("user", content),), sampling=SamplingOptions(**sampling)
+    )
+
+
+def run(engine, request: GenerationRequest):
+    sink = CollectingSink()
+    engine.submit(request, sink)
+    return sink.wait()
+
+
+def test_event_order_and_usage(engine):
+    events = run(engine, chat("Tell me about rivers.", max_tokens=12))
+    assert isinstance(events[0], Started)
+    assert isinstance(events[-1], Completed)
+    assert all(isinstance(e, (TokenDelta, PromptProgress)) for e in events[1:-1])
+    done = completed(events)
+    assert done.completion_tokens == len(token_ids(events))
+    assert done.prompt_tokens == events[0].prompt_tokens > 0
+    assert done.finish_reason in ("stop", "length")
+    assert done.completion_tokens <= 12
+
+
+def test_max_tokens_is_respected(engine):
+    events = run(engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=5)))
+    done = completed(events)
+    assert done.completion_tokens <= 5
+    if done.finish_reason == "length":
+        assert done.completion_tokens == 5
+
+
+def test_greedy_is_deterministic(engine):
+    a = run(engine, chat("What is a library?", max_tokens=24))
+    b = run(engine, chat("What is a library?", max_tokens=24))
+    assert token_ids(a) == token_ids(b)
+    assert text(a) == text(b)
+
+
+def test_seeded_sampling_reproduces(engine):
+    kw = dict(max_tokens=20, temperature=1.0, top_p=0.95, seed=1234)
+    a = run(engine, chat("Describe the sea.", **kw))
+    b = run(engine, chat("Describe the sea.", **kw))
+    assert token_ids(a) == token_ids(b)
+
+
+def test_batched_equals_alone(engine):
+    prompts = [f"Question {i}: what is item number {i}?" for i in range(8)]
+    alone = [token_ids(run(engine, chat(p, max_tokens=16))) for p in prompts]
+    sinks = []
+    for p in prompts:
+        s = CollectingSink()
+        engine.submit(chat(p, max_tokens=16), s)
+        sinks.append(s)
+    together = [token_ids(s.wait()) for s in sinks]
+    assert together == alone
+
+
+def test_stop_string_cuts_output(engine):
+    base = text(run(engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=40))))
+    assert len(base) > 6, base
+    stop = base[3:6]
+    events = run(
+        engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=40, stop=(stop,)))
+    )
+    out = text(events)
+    assert stop not in out
+    assert base.startswith(out)
+    assert completed(events).finish_reason == "stop"
+
+
+def test_repeated_prompt_uses_prompt_cache(engine):
+    long_question = "Please summarise the following. " + "The river runs to the sea. " * 20
+    first = run(engine, chat(long_question, max_tokens=8))
+    second = run(engine, chat(long_question, max_tokens=8))
+    assert completed(second).cached_tokens > completed(first).cached_tokens
+    assert completed(second).cached_tokens >= completed(second).prompt_tokens // 2
+    assert token_ids(first) == token_ids(second)
+
+
+def test_cancel_frees_the_slot(engine):
+    sink = CollectingSink()
+    rid = engine.submit(
+        GenerationRequest("to-cancel", prompt="Once", sampling=SamplingOptions(max_tokens=1500)), sink
+    )
+    first = sink.events.get(timeout=30)
+    assert isinstance(first, Started)
+    assert engine.cancel(rid)
+    events = [first, *sink.wait()]
+    assert completed(events).finish_reason == "cancelled"
+    assert completed(events).completion_tokens < 1500
+    deadline = time.monotonic() + 5
+    while engine.stats().active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().active == 0
+    assert not engine.cancel(rid), "a finished request cannot be cancelled again"
+
+
+def test_cancel_checks_owner(engine):
+    sink = CollectingSink()
+    req = GenerationRequest("owned", prompt="Once", sampling=SamplingOptions(max_tokens=400), owner="alice")
+    engine.submit(req, sink)
+    assert not engine.cancel("owned", owner="mallory")
+    assert engine.cancel("owned", owner="alice")
+    assert completed(sink.wait()).finish_reason == "cancelled"
+
+
+def test_duplicate_request_id_is_refused(engine):
+    sink = CollectingSink()
+    engine.submit(GenerationRequest("dup", prompt="Once", sampling=SamplingOptions(max_tokens=300)), sink)
+    with pytest.raises(DuplicateRequestId):
+        engine.submit(GenerationRequest("dup", prompt="x", sampling=SamplingOptions(max_tokens=3)), CollectingSink())
+    engine.cancel("dup")
+    sink.wait()
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, message",
+    [
+        (dict(messages=()), "messages is empty"),
+        (dict(messages=(ChatTurn("robot", "hi"),)), "role"),
+        (dict(prompt=""), "prompt is empty"),
+        (dict(prompt="hi", sampling=SamplingOptions(max_tokens=0)), "max_tokens"),
+        (dict(prompt="hi", sampling=SamplingOptions(max_tokens=-5)), "max_tokens"),
+        (dict(prompt="hi", sampling=SamplingOptions(max_tokens=10**9)), "does not fit"),
+        (dict(prompt="hi", sampling=SamplingOptions(temperature=float("nan"))), "finite"),
+        (dict(prompt="hi", sampling=SamplingOptions(temperature=-1)), "temperature"),
+        (dict(prompt="hi", sampling=SamplingOptions(top_p=0)), "top_p"),
+        (dict(prompt="hi", sampling=SamplingOptions(stop=("",))), "stop"),
+        (dict(prompt="word " * 5000), "context"),
+    ],
+)
+def test_invalid_requests_are_refused_up_front(engine, request_kwargs, message):
+    with pytest.raises(InvalidRequest, match=message):
+        engine.submit(GenerationRequest("", **request_kwargs), CollectingSink())
+
+
+def test_bad_request_does_not_disturb_running_streams(engine):
+    sink = CollectingSink()
+    engine.submit(GenerationRequest("", prompt="Once", sampling=SamplingOptions(max_tokens=60)), sink)
+    for _ in range(20):
+        with pytest.raises(InvalidRequest):
+            engine.submit(GenerationRequest("", prompt=""), CollectingSink())
+    assert completed(sink.wait()).finish_reason in ("stop", "length")
+
+
+def test_long_prompt_reports_progress(engine):
+    prompt = "The river runs to the sea and the sea " * 100  # several prefill chunks
+    events = run(engine, GenerationRequest("", prompt=prompt, sampling=SamplingOptions(max_tokens=2)))
+    progress = [e for e in events if isinstance(e, PromptProgress)]
+    assert progress, "expected prompt-progress events for a multi-chunk prompt"
+    assert progress[-1].processed_tokens <= progress[-1].total_tokens
+    assert isinstance(events[-1], Completed)
+
+
+def test_concurrent_submitters(engine):
+    results: dict[int, list[int]] = {}
+
+    def worker(i: int) -> None:
+        results[i] = token_ids(run(engine, chat(f"thread {i % 2}", max_tokens=10)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 6
+    assert results[0] == results[2] == results[4]
+    assert results[1] == results[3] == results[5]
