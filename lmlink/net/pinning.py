@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from lmlink.net.tls import IssuedCert, fingerprint, first_cert_pem, private_dir, write_private
+from lmlink.net.files import private_dir, write_private
+from lmlink.net.tls import IssuedCert, fingerprint, first_cert_pem
 
 CONFIG_ENV = "LMLINK_CONFIG_DIR"
 KNOWN_SERVERS = "known_servers.json"

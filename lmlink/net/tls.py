@@ -18,7 +18,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal
@@ -28,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from lmlink.net.files import private_dir, read_private, write_private
 
 if TYPE_CHECKING:
     from lmlink.net.localapi import LocalAPI
@@ -82,32 +83,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def private_dir(path: Path) -> Path:
-    """Create (or tighten) a directory to mode 0700: it holds private keys."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if stat.S_IMODE(path.stat().st_mode) != 0o700:
-        os.chmod(path, 0o700)
-    return path
-
-
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically write a file that is never readable by others, not even for an instant."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _read(path: Path, *, private: bool = False) -> bytes:
-    if private and stat.S_IMODE(path.stat().st_mode) & 0o077:
-        log.warning("tightening permissions of %s to 0600", path)
-        os.chmod(path, 0o600)
-    return path.read_bytes()
+    return read_private(path) if private else path.read_bytes()
 
 
 def _split_names(names: Iterable[str]) -> tuple[list[str], list[str]]:

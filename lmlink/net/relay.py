@@ -1,0 +1,300 @@
+"""The tailnet front door: accept, ask who it is, refuse strangers, pipe the rest to gRPC.
+
+grpcio only listens on addresses, so the gRPC server listens on a private loopback port and
+this relay sits in front of it, bound to the tailnet addresses (tailscaled mode) or accepting
+from the embedded node's listener (tsnet mode). For every accepted connection it calls
+`resolve(peer_ip, peer_port)` (LocalAPI WhoIs). Unknown peers are closed at once, before a
+single byte reaches gRPC. Known peers get a fresh loopback connection to the gRPC port, and
+`PeerIdentities` records "local port of that connection -> Identity", so the servicer can map
+`context.peer()` ("ipv4:127.0.0.1:54321") back to the true caller.
+
+Bytes are piped untouched: TLS runs end to end between client and gRPC server; the relay
+never sees plaintext.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol, Sequence
+from urllib.parse import unquote
+
+from lmlink.access.identity import Identity
+from lmlink.net.listeners import ListenError, is_loopback, refuse_wildcard
+
+log = logging.getLogger(__name__)
+
+Resolver = Callable[[str, int], Awaitable[Identity | None]]
+CHUNK = 256 * 1024
+
+_PEER_RE = re.compile(r"^ipv[46]:\[?(?P<host>[^\]]+?)\]?:(?P<port>\d+)$")
+
+
+class PeerIdentities:
+    """Registry: local port of a relay->gRPC loopback connection -> the real caller's Identity."""
+
+    def __init__(self) -> None:
+        self._by_port: dict[int, Identity] = {}
+
+    def add(self, port: int, identity: Identity) -> None:
+        self._by_port[port] = identity
+
+    def remove(self, port: int) -> None:
+        self._by_port.pop(port, None)
+
+    def __len__(self) -> int:
+        return len(self._by_port)
+
+    def lookup(self, peer: str) -> Identity | None:
+        """Identity for a grpc peer string, or None (not a relayed connection: refuse it)."""
+        m = _PEER_RE.match(unquote(peer))
+        if m is None or not is_loopback(m.group("host")):
+            return None
+        return self._by_port.get(int(m.group("port")))
+
+    # Lets a PeerIdentities be passed wherever a `identify(peer)` callable is expected.
+    __call__ = lookup
+
+
+class _Side(Protocol):
+    half_close: bool  # can it send EOF while still reading? (TCP yes, tailscale-py no)
+
+    async def read(self) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+    async def write_eof(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _StreamSide:
+    """An asyncio stream pair as one side of the pipe."""
+
+    half_close = True
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def read(self) -> bytes:
+        return await self.reader.read(CHUNK)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def write_eof(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.writer.can_write_eof() and not self.writer.is_closing():
+                self.writer.write_eof()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class TsnetStream(Protocol):
+    """What the relay needs from a tailscale-py `TcpStream`."""
+
+    def recv(self) -> Awaitable[bytes]: ...
+    def send(self, msg: bytes) -> Awaitable[int]: ...
+    def remote_addr(self) -> tuple[object, int]: ...
+
+
+class TsnetListener(Protocol):
+    """What the relay needs from a tailscale-py `TcpListener`."""
+
+    def accept(self) -> Awaitable[TsnetStream]: ...
+
+
+class _TsnetSide:
+    """A tailscale-py TcpStream (userspace, no fd) as one side of the pipe."""
+
+    half_close = False
+
+    def __init__(self, stream: TsnetStream) -> None:
+        self.stream: TsnetStream | None = stream
+
+    async def read(self) -> bytes:
+        if self.stream is None:
+            return b""
+        try:
+            return bytes(await self.stream.recv())
+        except (EOFError, ConnectionError, OSError, ValueError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self.stream is not None:
+            n = await self.stream.send(bytes(view))
+            if n <= 0:
+                raise ConnectionResetError("tailnet stream closed")
+            view = view[n:]
+
+    async def write_eof(self) -> None:
+        return None  # tailscale-py has no half-close; close() ends the stream
+
+    def close(self) -> None:
+        # tailscale-py 0.6 TcpStream has no close(): dropping the last reference closes it
+        # on the Rust side. Use close() if a later version grows one.
+        stream, self.stream = self.stream, None
+        closer = getattr(stream, "close", None)
+        if callable(closer):
+            with contextlib.suppress(Exception):
+                closer()
+
+
+@dataclass
+class RelayStats:
+    accepted: int = 0
+    refused: int = 0
+    active: int = 0
+
+
+class Relay:
+    """Accept -> resolve identity -> refuse or pipe to the loopback gRPC port."""
+
+    def __init__(
+        self,
+        target: tuple[str, int],
+        resolve: Resolver,
+        identities: PeerIdentities | None = None,
+        *,
+        resolve_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if not is_loopback(target[0]):
+            raise ListenError(f"relay target must be a loopback gRPC port, not {target[0]!r}")
+        self.target = target
+        self.resolve = resolve
+        self.identities = identities if identities is not None else PeerIdentities()
+        self.resolve_timeout = resolve_timeout
+        self.connect_timeout = connect_timeout
+        self.stats = RelayStats()
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.addresses: list[tuple[str, int]] = []
+
+    # -- front doors -------------------------------------------------------------------
+
+    async def listen(self, hosts: Sequence[str], port: int) -> list[tuple[str, int]]:
+        """Bind every host (IP literals, never wildcards) on `port` (0: pick one, shared)."""
+        if not hosts:
+            raise ListenError("relay given no address to listen on")
+        hosts = [refuse_wildcard(h) for h in hosts]
+        for host in hosts:
+            try:
+                server = await asyncio.start_server(
+                    self._on_tcp, host, port, reuse_address=True, backlog=128
+                )
+            except OSError as e:
+                await self.aclose()
+                raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname()
+            port = bound[1]
+            self.addresses.append((host, port))
+        log.info("relay listening on %s -> %s:%d",
+                 ", ".join(f"{h}:{p}" for h, p in self.addresses), *self.target)
+        return list(self.addresses)
+
+    async def serve_listener(self, listener: TsnetListener) -> None:
+        """Accept from a tailscale-py listener until cancelled (tsnet mode)."""
+        while True:
+            stream = await listener.accept()
+            ip, port = stream.remote_addr()
+            self._spawn(self.handle(_TsnetSide(stream), str(ip), int(port)))
+            del stream  # the handler must hold the only reference (dropping it closes)
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        task = asyncio.current_task()
+        if task is not None:  # so aclose() can cut live connections too
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        try:
+            await self.handle(_StreamSide(reader, writer), str(peer[0]), int(peer[1]))
+        except asyncio.CancelledError:  # aclose(): end quietly (asyncio would log it)
+            writer.close()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one connection ------------------------------------------------------------------
+
+    async def handle(self, client: _Side, peer_ip: str, peer_port: int) -> None:
+        """Resolve, then refuse or relay one accepted connection (any _Side implementation)."""
+        try:
+            identity = await asyncio.wait_for(self.resolve(peer_ip, peer_port), self.resolve_timeout)
+        except Exception as e:  # fail closed: a broken LocalAPI admits no one
+            identity = None
+            log.warning("refused %s:%d: identity lookup failed (%s)", peer_ip, peer_port,
+                        str(e) or type(e).__name__)
+        else:
+            if identity is None:
+                log.warning("refused %s:%d: not a known tailnet peer", peer_ip, peer_port)
+        if identity is None:
+            self.stats.refused += 1
+            client.close()
+            return
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(*self.target), self.connect_timeout
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            log.error("gRPC port %s:%d unreachable (%s); dropping %s",
+                      *self.target, e, identity.label)
+            client.close()
+            return
+        internal = _StreamSide(reader, writer)
+        local_port = writer.get_extra_info("sockname")[1]
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.identities.add(local_port, identity)
+        self.stats.accepted += 1
+        self.stats.active += 1
+        log.info("accepted %s from %s:%d", identity.label, peer_ip, peer_port)
+        try:
+            await _pipe(client, internal)
+        finally:
+            self.identities.remove(local_port)
+            self.stats.active -= 1
+            client.close()
+            internal.close()
+
+    async def aclose(self) -> None:
+        """Stop accepting and cut every relayed connection."""
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        self._servers.clear()
+
+
+async def _pump(src: _Side, dst: _Side) -> None:
+    try:
+        while data := await src.read():
+            await dst.write(data)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        await dst.write_eof()
+
+
+async def _pipe(a: _Side, b: _Side) -> None:
+    """Copy both ways until both directions end; a side without half-close ends both at once."""
+    tasks = [asyncio.ensure_future(_pump(a, b)), asyncio.ensure_future(_pump(b, a))]
+    both = a.half_close and b.half_close
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.ALL_COMPLETED if both else asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
