@@ -111,7 +111,10 @@ def _decode_addr(hex_addr: str) -> tuple[str, int]:
     addr_hex, port_hex = hex_addr.split(":")
     raw = bytes.fromhex(addr_hex)
     words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    return str(ipaddress.ip_address(words)), int(port_hex, 16)
+    ip = ipaddress.ip_address(words)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # dual-stack socket bound to an IPv4 address (or to 0.0.0.0)
+    return str(ip), int(port_hex, 16)
 
 
 def _socket_inodes(pid: int) -> set[int]:
@@ -127,14 +130,14 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def listening_sockets(pid: int | None = None) -> list[ListeningSocket]:
-    """TCP listeners in `pid`'s network namespace (default: ours), only `pid`'s own if given.
+def listening_sockets(pid: int | None = None, *, own_only: bool = True) -> list[ListeningSocket]:
+    """TCP listeners in `pid`'s network namespace (default: ours); only `pid`'s own if own_only.
 
     Reads /proc/<pid>/net/tcp{,6}, so it sees the namespace the process lives in (works for a
     server started with `ip netns exec`). Linux only; raises OSError elsewhere.
     """
     proc = f"/proc/{pid if pid is not None else 'self'}"
-    own = _socket_inodes(pid) if pid is not None else None
+    own = _socket_inodes(pid) if pid is not None and own_only else None
     out: list[ListeningSocket] = []
     for name in ("tcp", "tcp6"):
         try:

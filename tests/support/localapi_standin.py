@@ -335,9 +335,9 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, path: str, tailnet: Tailnet) -> None:
+    def __init__(self, path: str, tailnet: Tailnet, requests: list[str]) -> None:
         self.tailnet = tailnet
-        self.requests: list[str] = []
+        self.requests = requests
         super().__init__(path, _Handler)
 
 
@@ -349,16 +349,12 @@ class LocalAPIStandin:
         self.tailnet = tailnet
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-
-    @property
-    def requests(self) -> list[str]:
-        """Request paths served so far (to show the product really asked)."""
-        return self._server.requests if self._server else []
+        self.requests: list[str] = []  # request paths served (kept after stop)
 
     def start(self) -> LocalAPIStandin:
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
-        self._server = _Server(self.socket_path, self.tailnet)
+        self._server = _Server(self.socket_path, self.tailnet, self.requests)
         os.chmod(self.socket_path, 0o666)  # like tailscaled's socket
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
                                         name="localapi-standin")
