@@ -10,6 +10,8 @@ import pytest
 from lmlink.net.listeners import (
     ListenError,
     assert_no_wildcard,
+    assert_plaintext_allowed,
+    bind_hosts,
     is_wildcard,
     listening_sockets,
     local_bind_hosts,
@@ -73,3 +75,23 @@ def test_proc_listing_sees_real_sockets():
         loop.close()
         wild.close()
     assert_no_wildcard(os.getpid())
+
+
+def test_bind_hosts_dispatch(tmp_path):
+    assert bind_hosts("local") == ["127.0.0.1"]
+    assert bind_hosts("tsnet") == []
+    with pytest.raises(ListenError, match="picks its own"):
+        bind_hosts("tailscaled", hosts=["0.0.0.0"])
+    with pytest.raises(ListenError, match="unknown listen mode"):
+        bind_hosts("public")
+    me = Node("studio.ts.net", ["100.87.0.1"], login_name="o@x", user_id=1)
+    with LocalAPIStandin(tmp_path / "s.sock", Tailnet(me)) as s:
+        assert bind_hosts("tailscaled", localapi=LocalAPI(s.socket_path)) == ["100.87.0.1"]
+
+
+def test_plaintext_only_on_local_loopback():
+    assert_plaintext_allowed("local", ["127.0.0.1", "::1"])
+    for mode, hosts in (("local", ["100.87.0.1"]), ("tailscaled", ["100.87.0.1"]),
+                        ("tailscaled", ["127.0.0.1"]), ("tsnet", []), ("local", [])):
+        with pytest.raises(ListenError, match="without TLS"):
+            assert_plaintext_allowed(mode, hosts)

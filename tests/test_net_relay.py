@@ -28,6 +28,8 @@ def test_peer_string_parsing():
     assert ids.lookup("ipv6:[::1]:54321") is MATE
     assert ids.lookup("ipv6:%5B::1%5D:54321") is MATE
     assert ids("ipv4:127.0.0.1:54321") is MATE  # usable as an identify callable
+    assert ids.lookup_addr("127.0.0.1", 54321) is MATE  # ASGI-style (host, port)
+    assert ids.lookup_addr("100.87.0.2", 54321) is None
     assert ids.lookup("ipv4:127.0.0.1:54322") is None
     assert ids.lookup("ipv4:100.87.0.2:54321") is None  # only relayed loopback connections
     assert ids.lookup("unix:/tmp/x") is None and ids.lookup("garbage") is None

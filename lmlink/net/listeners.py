@@ -90,6 +90,32 @@ def tailscaled_bind_hosts(localapi: LocalAPI, *, ipv6: bool = True) -> list[str]
     return sorted(hosts, key=lambda h: ":" in h)
 
 
+def bind_hosts(mode: str, *, localapi: LocalAPI | None = None,
+               hosts: Sequence[str] | None = None) -> list[str]:
+    """The addresses to bind for a listen mode (tsnet binds on its own node: none here)."""
+    if mode == "local":
+        return local_bind_hosts(hosts)
+    if hosts:
+        raise ListenError(f"--listen {mode} picks its own addresses; do not give hosts")
+    if mode == "tailscaled":
+        if localapi is None:
+            raise ListenError("tailscaled mode needs the LocalAPI")
+        return tailscaled_bind_hosts(localapi)
+    if mode == "tsnet":
+        return []
+    raise ListenError(f"unknown listen mode {mode!r} (want one of {', '.join(LISTEN_MODES)})")
+
+
+def assert_plaintext_allowed(mode: str, hosts: Iterable[str]) -> None:
+    """No plaintext off-box: only `local` mode on loopback hosts may run without TLS."""
+    hosts = list(hosts)
+    if mode != "local" or not hosts or not all(is_loopback(h) for h in hosts):
+        raise ListenError(
+            f"refusing to serve without TLS in {mode} mode on {', '.join(hosts) or 'the tailnet'}: "
+            "only local mode on loopback may run without TLS"
+        )
+
+
 # -- what is actually listening ---------------------------------------------------------
 
 

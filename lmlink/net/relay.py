@@ -56,6 +56,10 @@ class PeerIdentities:
             return None
         return self._by_port.get(int(m.group("port")))
 
+    def lookup_addr(self, host: str, port: int) -> Identity | None:
+        """Same, for a (host, port) client address (e.g. an ASGI scope's "client")."""
+        return self._by_port.get(int(port)) if is_loopback(str(host)) else None
+
     # Lets a PeerIdentities be passed wherever a `identify(peer)` callable is expected.
     __call__ = lookup
 

@@ -18,6 +18,8 @@ import hashlib
 import ipaddress
 import logging
 import os
+import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal
@@ -258,6 +260,29 @@ class ServerTLS:
     def fingerprint(self) -> str:
         """Fingerprint of the leaf: what clients pin, mDNS TXT records carry, status shows."""
         return fingerprint(self.cert_chain_pem)
+
+    def ssl_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+        """The same material as an `ssl.SSLContext` (for the HTTP bridge), ALPN h2 + http/1.1."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        with tempfile.TemporaryDirectory() as d:  # ssl loads from files; keep them private
+            cert, key = Path(d) / "cert.pem", Path(d) / "key.pem"
+            write_private(cert, self.cert_chain_pem)
+            write_private(key, self.key_pem)
+            ctx.load_cert_chain(cert, key)
+        if require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=self.client_ca_pem.decode())
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        return ctx
+
+    def write_files(self, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """Write cert chain + key (0600, dir 0700) for servers that want paths (e.g. uvicorn)."""
+        d = private_dir(Path(directory))
+        cert, key = d / "active-cert.pem", d / "active-key.pem"
+        write_private(key, self.key_pem)
+        write_private(cert, self.cert_chain_pem)
+        return cert, key
 
 
 def _project_leaf(ca: ProjectCA, names: list[str]) -> IssuedCert:
