@@ -23,18 +23,73 @@ MATE = Identity(login_name="mate@example.com", source="tailnet", node_name="mate
 
 def test_peer_string_parsing():
     ids = PeerIdentities()
-    ids.add(54321, MATE)
+    ids.add("127.0.0.1", 54321, MATE)
     assert ids.lookup("ipv4:127.0.0.1:54321") is MATE
-    assert ids.lookup("ipv6:[::1]:54321") is MATE
-    assert ids.lookup("ipv6:%5B::1%5D:54321") is MATE
+    assert ids.lookup("ipv6:[::ffff:127.0.0.1]:54321") is MATE  # dual-stack form
     assert ids("ipv4:127.0.0.1:54321") is MATE  # usable as an identify callable
     assert ids.lookup_addr("127.0.0.1", 54321) is MATE  # ASGI-style (host, port)
-    assert ids.lookup_addr("100.87.0.2", 54321) is None
     assert ids.lookup("ipv4:127.0.0.1:54322") is None
-    assert ids.lookup("ipv4:100.87.0.2:54321") is None  # only relayed loopback connections
+    # same port from another loopback address: a local process, not the relay
+    assert ids.lookup("ipv4:127.0.0.2:54321") is None
+    assert ids.lookup("ipv6:[::1]:54321") is None
+    assert ids.lookup("ipv4:100.87.0.2:54321") is None
     assert ids.lookup("unix:/tmp/x") is None and ids.lookup("garbage") is None
-    ids.remove(54321)
+    ids.add("::1", 4000, MATE)
+    assert ids.lookup("ipv6:[::1]:4000") is MATE and ids.lookup("ipv6:%5B::1%5D:4000") is MATE
+    with pytest.raises(ValueError):
+        ids.add("100.87.0.2", 1, MATE)
+    ids.remove("127.0.0.1", 54321)
+    ids.remove("::1", 4000)
     assert ids.lookup("ipv4:127.0.0.1:54321") is None and len(ids) == 0
+
+
+async def test_same_port_from_other_loopback_address_is_not_the_caller(backend):
+    """A local process dialing the private port from 127.0.0.2:<relayed port> gets nothing."""
+    async def resolve(ip: str, port: int) -> Identity | None:
+        return MATE
+
+    relay = Relay(("127.0.0.1", backend.port), resolve, backend.identities)
+    [(_, port)] = await relay.listen(["127.0.0.1"], 0)
+    try:
+        async with backend.channel(port) as ch:
+            me = await call(ch, "WhoAmI")
+            relayed_port = int(me["peer"].rsplit(":", 1)[1])
+            creds, opts = pinned_credentials(backend.tls.cert_chain_pem)
+            spoof = socket.socket()
+            spoof.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            spoof.bind(("127.0.0.2", relayed_port))
+            spoof.connect(("127.0.0.1", backend.port))
+            # hand the connected socket to a throwaway forwarder so grpc can use it
+            fwd = await asyncio.start_server(
+                lambda r, w: _splice(r, w, spoof), "127.0.0.1", 0)
+            fport = fwd.sockets[0].getsockname()[1]
+            async with grpc.aio.secure_channel(f"127.0.0.1:{fport}", creds, options=opts) as bad:
+                code = await _code(bad, "WhoAmI")
+            fwd.close()
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            assert f"ipv4:127.0.0.2:{relayed_port}" in backend.probe.peers
+    finally:
+        await relay.aclose()
+
+
+async def _code(ch, method):
+    try:
+        await call(ch, method)
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+async def _splice(reader, writer, sock):
+    r2, w2 = await asyncio.open_connection(sock=sock)
+
+    async def pump(src, dst):
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+        dst.close()
+
+    await asyncio.gather(pump(reader, w2), pump(r2, writer), return_exceptions=True)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "[::]", "localhost-ish-name"])

@@ -5,7 +5,7 @@ this relay sits in front of it, bound to the tailnet addresses (tailscaled mode)
 from the embedded node's listener (tsnet mode). For every accepted connection it calls
 `resolve(peer_ip, peer_port)` (LocalAPI WhoIs). Unknown peers are closed at once, before a
 single byte reaches gRPC. Known peers get a fresh loopback connection to the gRPC port, and
-`PeerIdentities` records "local port of that connection -> Identity", so the servicer can map
+`PeerIdentities` records "local address of that connection -> Identity", so the servicer can map
 `context.peer()` ("ipv4:127.0.0.1:54321") back to the true caller.
 
 Bytes are piped untouched: TLS runs end to end between client and gRPC server; the relay
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 import socket
@@ -34,31 +35,50 @@ CHUNK = 256 * 1024
 _PEER_RE = re.compile(r"^ipv[46]:\[?(?P<host>[^\]]+?)\]?:(?P<port>\d+)$")
 
 
+def _addr_key(host: str, port: int) -> tuple[str, int] | None:
+    """Canonical (ip, port) for a loopback address, None for anything else."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (str(ip), int(port)) if ip.is_loopback else None
+
+
 class PeerIdentities:
-    """Registry: local port of a relay->gRPC loopback connection -> the real caller's Identity."""
+    """Registry: exact local address (ip, port) of a relay->gRPC connection -> the caller.
+
+    Keyed by the full address, not just the port: another local process could otherwise bind
+    127.0.0.2:<same port>, dial the private gRPC port and pass for a relayed caller.
+    """
 
     def __init__(self) -> None:
-        self._by_port: dict[int, Identity] = {}
+        self._by_addr: dict[tuple[str, int], Identity] = {}
 
-    def add(self, port: int, identity: Identity) -> None:
-        self._by_port[port] = identity
+    def add(self, host: str, port: int, identity: Identity) -> None:
+        key = _addr_key(host, port)
+        if key is None:
+            raise ValueError(f"relayed connections come from loopback, not {host!r}")
+        self._by_addr[key] = identity
 
-    def remove(self, port: int) -> None:
-        self._by_port.pop(port, None)
+    def remove(self, host: str, port: int) -> None:
+        key = _addr_key(host, port)
+        if key is not None:
+            self._by_addr.pop(key, None)
 
     def __len__(self) -> int:
-        return len(self._by_port)
+        return len(self._by_addr)
 
     def lookup(self, peer: str) -> Identity | None:
         """Identity for a grpc peer string, or None (not a relayed connection: refuse it)."""
         m = _PEER_RE.match(unquote(peer))
-        if m is None or not is_loopback(m.group("host")):
-            return None
-        return self._by_port.get(int(m.group("port")))
+        return self.lookup_addr(m.group("host"), int(m.group("port"))) if m else None
 
     def lookup_addr(self, host: str, port: int) -> Identity | None:
         """Same, for a (host, port) client address (e.g. an ASGI scope's "client")."""
-        return self._by_port.get(int(port)) if is_loopback(str(host)) else None
+        key = _addr_key(str(host), port)
+        return self._by_addr.get(key) if key is not None else None
 
     # Lets a PeerIdentities be passed wherever a `identify(peer)` callable is expected.
     __call__ = lookup
@@ -254,19 +274,19 @@ class Relay:
             client.close()
             return
         internal = _StreamSide(reader, writer)
-        local_port = writer.get_extra_info("sockname")[1]
+        local_host, local_port = writer.get_extra_info("sockname")[:2]
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.identities.add(local_port, identity)
+        self.identities.add(local_host, local_port, identity)
         self.stats.accepted += 1
         self.stats.active += 1
         log.info("accepted %s from %s:%d", identity.label, peer_ip, peer_port)
         try:
             await _pipe(client, internal)
         finally:
-            self.identities.remove(local_port)
+            self.identities.remove(local_host, local_port)
             self.stats.active -= 1
             client.close()
             internal.close()
