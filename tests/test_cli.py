@@ -17,9 +17,16 @@ def lmlink(*args: str, input: str | None = None, timeout: float = 60) -> subproc
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int = 1) -> None:
+    """Client commands print exactly one line; `serve` may log before failing, but its
+    error is still one final line and never a traceback."""
     assert result.returncode == code, result
     assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    command = result.args[3]
+    if command == "serve":
+        assert lines[-1].startswith("lmlink serve: "), result.stderr
+    else:
+        assert len(lines) == 1, result.stderr
 
 
 def test_help_lists_commands():

@@ -15,6 +15,7 @@ from ._wire import Message, build_request, decode_event
 from .errors import from_rpc_error
 from .events import Event, Generation
 from .info import ModelInfo, ServerInfo
+from .security import channel_security
 from .sync import _CHANNEL_OPTIONS, resolve_target
 
 
@@ -64,10 +65,19 @@ class AsyncClient:
         timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool | None = None,
+        expected_fingerprint: str | None = None,
     ) -> None:
         self.target = resolve_target(target)
         self.timeout = timeout
         opts = [*_CHANNEL_OPTIONS, *options]
+        self.fingerprint = ""
+        if credentials is None:
+            security = channel_security(
+                self.target, tls=tls, expected_fingerprint=expected_fingerprint
+            )
+            credentials, self.fingerprint = security.credentials, security.fingerprint
+            opts += security.options
         self._channel = (
             grpc.aio.secure_channel(self.target, credentials, options=opts)
             if credentials is not None

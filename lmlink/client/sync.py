@@ -15,6 +15,7 @@ from ._wire import Message, build_request, decode_event
 from .errors import Cancelled, LmlinkError, from_rpc_error
 from .events import Event, Generation
 from .info import ModelInfo, ServerInfo
+from .security import channel_security
 
 DEFAULT_TARGET = "127.0.0.1:47470"
 _CHANNEL_OPTIONS = [
@@ -66,10 +67,19 @@ class Client:
         timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool | None = None,
+        expected_fingerprint: str | None = None,
     ) -> None:
         self.target = resolve_target(target)
         self.timeout = timeout
         opts = [*_CHANNEL_OPTIONS, *options]
+        self.fingerprint = ""
+        if credentials is None:
+            security = channel_security(
+                self.target, tls=tls, expected_fingerprint=expected_fingerprint
+            )
+            credentials, self.fingerprint = security.credentials, security.fingerprint
+            opts += security.options
         self._channel = (
             grpc.secure_channel(self.target, credentials, options=opts)
             if credentials is not None
