@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-port", type=_positive_int, default=47470, help="gRPC port, 0 = any (default: 47470)"
     )
     serve.add_argument(
+        "--http-port",
+        type=_positive_int,
+        default=47471,
+        help=(
+            "port of the HTTP bridge (OpenAI-compatible /v1 API, /v1/shortcuts/ask for iOS "
+            "Shortcuts, /health) on the same host as gRPC, 0 = any (default: 47471)"
+        ),
+    )
+    serve.add_argument(
         "--max-batch", type=_positive_int, default=32, help="concurrent streams decoded together"
     )
     serve.add_argument(
@@ -155,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         engine=EngineConfig(
             max_batch_size=args.max_batch,
             max_queue=args.max_queue,
@@ -177,6 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     {
                         "event": "ready",
                         "grpc": running.grpc_address,
+                        "http": running.http_address,
                         "model": engine.model_id,
                         "listen": args.listen,
                     }
@@ -186,7 +197,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             console.print(
                 f"[bold green]lmlink[/] serving [bold]{engine.model_id}[/] on "
-                f"{running.grpc_address} ({args.listen} mode). Ctrl-C to stop."
+                f"{running.grpc_address} (HTTP: http://{running.http_address}/v1) "
+                f"({args.listen} mode). Ctrl-C to stop."
             )
 
     status.start()

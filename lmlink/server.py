@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lmlink.api.gate import Gate, LoopbackGate
 from lmlink.api.grpc_service import InferenceService, ServerFacts
+from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
 from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
 from lmlink.engine.loader import LoadedModel, load_model
@@ -44,6 +45,7 @@ class ServeOptions:
     listen: str = "local"
     host: str = "127.0.0.1"
     grpc_port: int = DEFAULT_GRPC_PORT
+    http_port: int | None = DEFAULT_HTTP_PORT  # None: no HTTP bridge
     name: str = field(default_factory=socket.gethostname)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -55,6 +57,7 @@ class RunningServer:
     grpc_address: str
     registry: ModelRegistry
     stopped: asyncio.Event
+    http_address: str | None = None
 
 
 def check_bindable(host: str, port: int) -> None:
@@ -98,7 +101,8 @@ async def serve(
     hub = StreamHub(loop)
     ready = asyncio.Event()
     facts = ServerFacts(name=options.name, listen_mode=options.listen, started_at=time.time())
-    service = InferenceService(registry, hub, gate or LoopbackGate(), facts, ready.is_set)
+    gate = gate or LoopbackGate()
+    service = InferenceService(registry, hub, gate, facts, ready.is_set)
 
     server = grpc.aio.server(options=grpc_channel_options())
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
@@ -115,9 +119,18 @@ async def serve(
         port = server.add_insecure_port(f"{host}:{options.grpc_port}")
     except RuntimeError as exc:
         raise ServeError(f"cannot listen on {host}:{options.grpc_port}: {exc}") from exc
+    http: HttpListener | None = None
+    if options.http_port is not None:  # same host as gRPC, so the same listener rules apply
+        try:
+            http_socket = bind_socket(options.host, options.http_port)
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {host}:{options.http_port}: {exc.strerror}") from None
+        http = HttpListener(HttpBridge(registry, hub, gate, ready.is_set).app(), http_socket)
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    if http is not None:
+        await http.start()
 
     stopped = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,9 +150,11 @@ async def serve(
             await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d (listen mode %s)", loaded.id, host, port, options.listen)
         if on_ready:
-            on_ready(RunningServer(f"{host}:{port}", registry, stopped))
+            on_ready(
+                RunningServer(f"{host}:{port}", registry, stopped, http.address if http else None)
+            )
         await stopped.wait()
     finally:
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=2.0)
+        await asyncio.gather(server.stop(grace=2.0), http.stop() if http else asyncio.sleep(0))
         await asyncio.to_thread(registry.stop_all)

@@ -24,6 +24,11 @@ class ServerProcess:
     address: str
     model: str
     process: subprocess.Popen
+    http: str = ""  # HOST:PORT of the HTTP bridge
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http}"
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -36,7 +41,7 @@ def lmlink_cmd(*args: str) -> list[str]:
 
 def start_server(*extra: str, model: str = TEST_MODEL, timeout: float = 60.0) -> ServerProcess:
     proc = subprocess.Popen(
-        lmlink_cmd("serve", "--model", model, "--grpc-port", "0", "--json", "--log-level", "warning", *extra),
+        lmlink_cmd("serve", "--model", model, "--grpc-port", "0", "--http-port", "0", "--json", "--log-level", "warning", *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -54,7 +59,7 @@ def start_server(*extra: str, model: str = TEST_MODEL, timeout: float = 60.0) ->
         except json.JSONDecodeError:
             continue
         if ready.get("event") == "ready":
-            return ServerProcess(ready["grpc"], ready["model"], proc)
+            return ServerProcess(ready["grpc"], ready["model"], proc, ready.get("http") or "")
     stop_server(proc)
     raise RuntimeError("lmlink serve did not become ready in time")
 
