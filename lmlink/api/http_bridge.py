@@ -417,7 +417,7 @@ class HttpBridge:
         except TimeoutError:
             raise ApiError(
                 504,
-                f"no complete answer within {limit:.0f} seconds; ask for a shorter answer",
+                f"no complete answer within {limit:g} seconds; ask for a shorter answer",
                 code="timeout",
                 extra={"partial_answer": gen.text, "conversation": conversation},
             ) from None
