@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop", action="append", default=[], help="stop string (repeatable)"
     )
     chat.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past end-of-sequence until --max-tokens (load tests)",
+    )
+    chat.add_argument(
         "--json", action="store_true", help="print one JSON object per event instead of text"
     )
     chat.add_argument(
@@ -227,6 +232,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k,
         "seed": args.seed,
         "stop": args.stop,
+        "ignore_eos": args.ignore_eos,
     }
 
 

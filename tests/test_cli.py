@@ -60,7 +60,7 @@ def test_chat_json_emits_one_object_per_event(server):
 
 def test_chat_streams_before_the_answer_is_complete(server):
     proc = subprocess.Popen(
-        lmlink_cmd("chat", "--server", server.address, "--json", "--max-tokens", "1500", "--raw", "Once upon a time"),
+        lmlink_cmd("chat", "--server", server.address, "--json", "--max-tokens", "1500", "--ignore-eos", "--raw", "Once upon a time"),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -122,7 +122,7 @@ def test_unreachable_server_is_one_line():
 
 
 def test_serve_refuses_non_loopback_in_local_mode():
-    result = lmlink("serve", "--host", "0.0.0.0", "--grpc-port", "0")
+    result = lmlink("serve", "--host", "0.0.0.0", "--grpc-port", "0", "--http-port", "0")
     assert_one_line_error(result)
     assert "loopback" in result.stderr
 
@@ -132,13 +132,13 @@ def test_serve_reports_busy_port():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        result = lmlink("serve", "--grpc-port", str(port))
+        result = lmlink("serve", "--grpc-port", str(port), "--http-port", "0")
     assert_one_line_error(result)
     assert str(port) in result.stderr
 
 
 def test_serve_unknown_model_is_one_line(tmp_path):
-    result = lmlink("serve", "--model", str(tmp_path), "--grpc-port", "0")
+    result = lmlink("serve", "--model", str(tmp_path), "--grpc-port", "0", "--http-port", "0")
     assert_one_line_error(result)
     assert "config.json" in result.stderr
 

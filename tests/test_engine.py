@@ -46,11 +46,19 @@ def test_event_order_and_usage(engine):
 
 
 def test_max_tokens_is_respected(engine):
-    events = run(engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=5)))
+    events = run(engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=7, ignore_eos=True)))
     done = completed(events)
-    assert done.completion_tokens <= 5
-    if done.finish_reason == "length":
-        assert done.completion_tokens == 5
+    assert done.finish_reason == "length"
+    assert done.completion_tokens == len(token_ids(events)) == 7
+
+
+def test_eos_ends_generation_unless_ignored(engine):
+    natural = completed(run(engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=200))))
+    assert natural.finish_reason == "stop" and natural.completion_tokens < 200
+    forced = completed(
+        run(engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=200, ignore_eos=True)))
+    )
+    assert forced.finish_reason == "length" and forced.completion_tokens == 200
 
 
 def test_greedy_is_deterministic(engine):
@@ -80,11 +88,11 @@ def test_batched_equals_alone(engine):
 
 
 def test_stop_string_cuts_output(engine):
-    base = text(run(engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=40))))
+    base = text(run(engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=40, ignore_eos=True))))
     assert len(base) > 6, base
     stop = base[3:6]
     events = run(
-        engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=40, stop=(stop,)))
+        engine, GenerationRequest("", prompt="The", sampling=SamplingOptions(max_tokens=40, stop=(stop,), ignore_eos=True))
     )
     out = text(events)
     assert stop not in out
@@ -104,7 +112,7 @@ def test_repeated_prompt_uses_prompt_cache(engine):
 def test_cancel_frees_the_slot(engine):
     sink = CollectingSink()
     rid = engine.submit(
-        GenerationRequest("to-cancel", prompt="Once", sampling=SamplingOptions(max_tokens=1500)), sink
+        GenerationRequest("to-cancel", prompt="Once", sampling=SamplingOptions(max_tokens=1500, ignore_eos=True)), sink
     )
     first = sink.events.get(timeout=30)
     assert isinstance(first, Started)
@@ -121,7 +129,7 @@ def test_cancel_frees_the_slot(engine):
 
 def test_cancel_checks_owner(engine):
     sink = CollectingSink()
-    req = GenerationRequest("owned", prompt="Once", sampling=SamplingOptions(max_tokens=400), owner="alice")
+    req = GenerationRequest("owned", prompt="Once", sampling=SamplingOptions(max_tokens=400, ignore_eos=True), owner="alice")
     engine.submit(req, sink)
     assert not engine.cancel("owned", owner="mallory")
     assert engine.cancel("owned", owner="alice")
@@ -130,7 +138,7 @@ def test_cancel_checks_owner(engine):
 
 def test_duplicate_request_id_is_refused(engine):
     sink = CollectingSink()
-    engine.submit(GenerationRequest("dup", prompt="Once", sampling=SamplingOptions(max_tokens=300)), sink)
+    engine.submit(GenerationRequest("dup", prompt="Once", sampling=SamplingOptions(max_tokens=300, ignore_eos=True)), sink)
     with pytest.raises(DuplicateRequestId):
         engine.submit(GenerationRequest("dup", prompt="x", sampling=SamplingOptions(max_tokens=3)), CollectingSink())
     engine.cancel("dup")
@@ -160,7 +168,7 @@ def test_invalid_requests_are_refused_up_front(engine, request_kwargs, message):
 
 def test_bad_request_does_not_disturb_running_streams(engine):
     sink = CollectingSink()
-    engine.submit(GenerationRequest("", prompt="Once", sampling=SamplingOptions(max_tokens=60)), sink)
+    engine.submit(GenerationRequest("", prompt="Once", sampling=SamplingOptions(max_tokens=60, ignore_eos=True)), sink)
     for _ in range(20):
         with pytest.raises(InvalidRequest):
             engine.submit(GenerationRequest("", prompt=""), CollectingSink())

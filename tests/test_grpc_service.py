@@ -60,11 +60,11 @@ def test_greedy_matches_in_process_engine(client, engine):
 
 
 def test_max_tokens_and_stop_strings(client):
-    base = client.complete("The", max_tokens=30)
-    assert 0 < len(base.token_ids) <= 30
+    base = client.complete("The", max_tokens=30, ignore_eos=True)
+    assert len(base.token_ids) == 30 and base.finish_reason == "length"
     assert len(base.text) > 6, base.text
     stop = base.text[2:5]
-    cut = client.complete("The", max_tokens=30, stop=[stop])
+    cut = client.complete("The", max_tokens=30, stop=[stop], ignore_eos=True)
     assert stop not in cut.text and base.text.startswith(cut.text)
     assert cut.finish_reason == "stop"
 
@@ -85,14 +85,14 @@ def test_sixteen_concurrent_streams_match_solo_runs(server, client):
 
 
 def _decode_rate(client, max_tokens: int = 200) -> float:
-    g = client.complete("Once upon a time", max_tokens=max_tokens)
+    g = client.complete("Once upon a time", max_tokens=max_tokens, ignore_eos=True)
     t = g.completed.timings
     return g.completed.usage.completion_tokens / max(t.total_ms - t.time_to_first_token_ms, 1e-3) * 1000
 
 
 def test_client_cancel_frees_the_slot(client):
     baseline = _decode_rate(client)
-    stream = client.stream(prompt="Once upon a time", max_tokens=1900)
+    stream = client.stream(prompt="Once upon a time", max_tokens=1900, ignore_eos=True)
     got = 0
     for event in stream:
         if isinstance(event, TokenDelta):
@@ -108,7 +108,7 @@ def test_client_cancel_frees_the_slot(client):
 
 
 def test_cancel_rpc_by_request_id(client):
-    stream = client.stream(prompt="Once upon a time", max_tokens=1900, request_id="cancel-me-1")
+    stream = client.stream(prompt="Once upon a time", max_tokens=1900, ignore_eos=True, request_id="cancel-me-1")
     reasons = []
     for event in stream:
         if isinstance(event, Started):
@@ -120,7 +120,7 @@ def test_cancel_rpc_by_request_id(client):
 
 
 def test_duplicate_request_id_already_exists(client):
-    first = client.stream(prompt="Once", max_tokens=1500, request_id="same-id")
+    first = client.stream(prompt="Once", max_tokens=1500, request_id="same-id", ignore_eos=True)
     it = iter(first)
     next(it)  # Started: the id is now in use
     with pytest.raises(AlreadyExists):
@@ -141,7 +141,7 @@ def test_duplicate_request_id_already_exists(client):
     ],
 )
 def test_bad_input_gets_clear_status_and_server_keeps_serving(server, client, kwargs, error, words):
-    background = client.stream(prompt="Once upon a time", max_tokens=80)
+    background = client.stream(prompt="Once upon a time", max_tokens=80, ignore_eos=True)
     events: list = []
     reader = threading.Thread(target=lambda: events.extend(background))
     reader.start()
@@ -155,7 +155,7 @@ def test_bad_input_gets_clear_status_and_server_keeps_serving(server, client, kw
 
 def test_deadline(client):
     with pytest.raises(DeadlineExceeded):
-        client.complete("Once upon a time", max_tokens=1900, timeout=0.2)
+        client.complete("Once upon a time", max_tokens=1900, ignore_eos=True, timeout=0.2)
 
 
 def test_unreachable_server_is_a_clear_error():
@@ -198,7 +198,7 @@ async def test_async_client_streams_and_cancels(server):
     async with AsyncClient(server.address, timeout=60) as ac:
         g = await ac.chat(QUESTION, max_tokens=10)
         assert g.completed is not None and g.token_ids
-        stream = ac.stream(prompt="Once upon a time", max_tokens=1900)
+        stream = ac.stream(prompt="Once upon a time", max_tokens=1900, ignore_eos=True)
         n = 0
         async for event in stream:
             if isinstance(event, TokenDelta):

@@ -33,6 +33,7 @@ def sampling_from_wire(s: pb.SamplingParams) -> SamplingOptions:
         stop=tuple(s.stop),
         seed=s.seed if s.HasField("seed") else None,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+        ignore_eos=s.ignore_eos,
     )
 
 

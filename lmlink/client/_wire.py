@@ -31,10 +31,11 @@ def build_request(
     stop: Iterable[str] = (),
     seed: int | None = None,
     repetition_penalty: float | None = None,
+    ignore_eos: bool = False,
 ) -> pb.GenerateRequest:
     if (messages is None) == (prompt is None):
         raise ValueError("pass exactly one of messages= or prompt=")
-    sampling = pb.SamplingParams(stop=list(stop))
+    sampling = pb.SamplingParams(stop=list(stop), ignore_eos=ignore_eos)
     for name, value in (
         ("max_tokens", max_tokens),
         ("temperature", temperature),

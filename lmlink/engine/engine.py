@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from .loader import LoadedModel
@@ -92,6 +92,8 @@ class Engine:
         self.config = config or EngineConfig()
         self._tokenizer = loaded.tokenizer
         self._eos = sorted(set(loaded.tokenizer.eos_token_ids or ()))
+        self._eos_stops = StopSequences([[t] for t in self._eos])
+        self._no_stops = StopSequences()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: deque[_Request] = deque()
@@ -267,6 +269,7 @@ class Engine:
             all_tokens=[prompt[:cached]],
             samplers=[make_sampler(sampling)],
             logits_processors=[make_processors(sampling)],
+            stop_sequences=[self._no_stops if sampling.ignore_eos else self._eos_stops],
         )
         state.uid = uid
         state.admitted = time.perf_counter()

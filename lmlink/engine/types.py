@@ -53,6 +53,7 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool = False
 
     def validate(self) -> None:
         def finite(name: str, value: float) -> None:

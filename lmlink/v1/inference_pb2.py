@@ -24,53 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lmlink/v1/inference.proto\x12\tlmlink.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.lmlink.v1.ChatMessage\"\x9e\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x9d\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0f.lmlink.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.lmlink.v1.SamplingParamsB\x07\n\x05input\"\xdc\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07started\x18\x02 \x01(\x0b\x32\x12.lmlink.v1.StartedH\x00\x12\x34\n\x0fprompt_progress\x18\x03 \x01(\x0b\x32\x19.lmlink.v1.PromptProgressH\x00\x12&\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x15.lmlink.v1.TokenDeltaH\x00\x12)\n\tcompleted\x18\x05 \x01(\x0b\x32\x14.lmlink.v1.CompletedH\x00\x42\x07\n\x05\x65vent\"F\n\x07Started\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"@\n\x0ePromptProgress\x12\x18\n\x10processed_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8b\x01\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12 \n\x18prompt_tokens_per_second\x18\x04 \x01(\x01\x12\x11\n\tqueued_ms\x18\x05 \x01(\x01\"\x81\x01\n\tCompleted\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.lmlink.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.lmlink.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.lmlink.v1.Timings\"\x13\n\x11ListModelsRequest\"u\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x12\n\nis_default\x18\x06 \x01(\x08\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.lmlink.v1.Model\"\x16\n\x14GetServerInfoRequest\"w\n\x08Identity\x12\x12\n\nlogin_name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08is_owner\x18\x06 \x01(\x08\"\xbe\x02\n\nServerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x13\n\x0blisten_mode\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x16\n\x0e\x61\x63tive_streams\x18\x06 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x10\n\x08platform\x18\n \x01(\t\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x04\x12#\n\x06\x63\x61ller\x18\x0c \x01(\x0b\x32\x13.lmlink.v1.Identity\x12 \n\x18recent_tokens_per_second\x18\r \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa2\x02\n\tInference\x12\x42\n\x08Generate\x12\x1a.lmlink.v1.GenerateRequest\x1a\x18.lmlink.v1.GenerateEvent0\x01\x12I\n\nListModels\x12\x1c.lmlink.v1.ListModelsRequest\x1a\x1d.lmlink.v1.ListModelsResponse\x12G\n\rGetServerInfo\x12\x1f.lmlink.v1.GetServerInfoRequest\x1a\x15.lmlink.v1.ServerInfo\x12=\n\x06\x43\x61ncel\x12\x18.lmlink.v1.CancelRequest\x1a\x19.lmlink.v1.CancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lmlink/v1/inference.proto\x12\tlmlink.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.lmlink.v1.ChatMessage\"\xb2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x9d\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0f.lmlink.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.lmlink.v1.SamplingParamsB\x07\n\x05input\"\xdc\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07started\x18\x02 \x01(\x0b\x32\x12.lmlink.v1.StartedH\x00\x12\x34\n\x0fprompt_progress\x18\x03 \x01(\x0b\x32\x19.lmlink.v1.PromptProgressH\x00\x12&\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x15.lmlink.v1.TokenDeltaH\x00\x12)\n\tcompleted\x18\x05 \x01(\x0b\x32\x14.lmlink.v1.CompletedH\x00\x42\x07\n\x05\x65vent\"F\n\x07Started\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"@\n\x0ePromptProgress\x12\x18\n\x10processed_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8b\x01\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12 \n\x18prompt_tokens_per_second\x18\x04 \x01(\x01\x12\x11\n\tqueued_ms\x18\x05 \x01(\x01\"\x81\x01\n\tCompleted\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.lmlink.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.lmlink.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.lmlink.v1.Timings\"\x13\n\x11ListModelsRequest\"u\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x12\n\nis_default\x18\x06 \x01(\x08\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.lmlink.v1.Model\"\x16\n\x14GetServerInfoRequest\"w\n\x08Identity\x12\x12\n\nlogin_name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08is_owner\x18\x06 \x01(\x08\"\xbe\x02\n\nServerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x13\n\x0blisten_mode\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x16\n\x0e\x61\x63tive_streams\x18\x06 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x10\n\x08platform\x18\n \x01(\t\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x04\x12#\n\x06\x63\x61ller\x18\x0c \x01(\x0b\x32\x13.lmlink.v1.Identity\x12 \n\x18recent_tokens_per_second\x18\r \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa2\x02\n\tInference\x12\x42\n\x08Generate\x12\x1a.lmlink.v1.GenerateRequest\x1a\x18.lmlink.v1.GenerateEvent0\x01\x12I\n\nListModels\x12\x1c.lmlink.v1.ListModelsRequest\x1a\x1d.lmlink.v1.ListModelsResponse\x12G\n\rGetServerInfo\x12\x1f.lmlink.v1.GetServerInfoRequest\x1a\x15.lmlink.v1.ServerInfo\x12=\n\x06\x43\x61ncel\x12\x18.lmlink.v1.CancelRequest\x1a\x19.lmlink.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmlink.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2085
-  _globals['_FINISHREASON']._serialized_end=2209
+  _globals['_FINISHREASON']._serialized_start=2105
+  _globals['_FINISHREASON']._serialized_end=2229
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHAT']._serialized_start=86
   _globals['_CHAT']._serialized_end=134
   _globals['_SAMPLINGPARAMS']._serialized_start=137
-  _globals['_SAMPLINGPARAMS']._serialized_end=423
-  _globals['_GENERATEREQUEST']._serialized_start=426
-  _globals['_GENERATEREQUEST']._serialized_end=583
-  _globals['_GENERATEEVENT']._serialized_start=586
-  _globals['_GENERATEEVENT']._serialized_end=806
-  _globals['_STARTED']._serialized_start=808
-  _globals['_STARTED']._serialized_end=878
-  _globals['_PROMPTPROGRESS']._serialized_start=880
-  _globals['_PROMPTPROGRESS']._serialized_end=944
-  _globals['_TOKENDELTA']._serialized_start=946
-  _globals['_TOKENDELTA']._serialized_end=991
-  _globals['_USAGE']._serialized_start=993
-  _globals['_USAGE']._serialized_end=1073
-  _globals['_TIMINGS']._serialized_start=1076
-  _globals['_TIMINGS']._serialized_end=1215
-  _globals['_COMPLETED']._serialized_start=1218
-  _globals['_COMPLETED']._serialized_end=1347
-  _globals['_LISTMODELSREQUEST']._serialized_start=1349
-  _globals['_LISTMODELSREQUEST']._serialized_end=1368
-  _globals['_MODEL']._serialized_start=1370
-  _globals['_MODEL']._serialized_end=1487
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1489
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1543
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1545
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1567
-  _globals['_IDENTITY']._serialized_start=1569
-  _globals['_IDENTITY']._serialized_end=1688
-  _globals['_SERVERINFO']._serialized_start=1691
-  _globals['_SERVERINFO']._serialized_end=2009
-  _globals['_CANCELREQUEST']._serialized_start=2011
-  _globals['_CANCELREQUEST']._serialized_end=2046
-  _globals['_CANCELRESPONSE']._serialized_start=2048
-  _globals['_CANCELRESPONSE']._serialized_end=2083
-  _globals['_INFERENCE']._serialized_start=2212
-  _globals['_INFERENCE']._serialized_end=2502
+  _globals['_SAMPLINGPARAMS']._serialized_end=443
+  _globals['_GENERATEREQUEST']._serialized_start=446
+  _globals['_GENERATEREQUEST']._serialized_end=603
+  _globals['_GENERATEEVENT']._serialized_start=606
+  _globals['_GENERATEEVENT']._serialized_end=826
+  _globals['_STARTED']._serialized_start=828
+  _globals['_STARTED']._serialized_end=898
+  _globals['_PROMPTPROGRESS']._serialized_start=900
+  _globals['_PROMPTPROGRESS']._serialized_end=964
+  _globals['_TOKENDELTA']._serialized_start=966
+  _globals['_TOKENDELTA']._serialized_end=1011
+  _globals['_USAGE']._serialized_start=1013
+  _globals['_USAGE']._serialized_end=1093
+  _globals['_TIMINGS']._serialized_start=1096
+  _globals['_TIMINGS']._serialized_end=1235
+  _globals['_COMPLETED']._serialized_start=1238
+  _globals['_COMPLETED']._serialized_end=1367
+  _globals['_LISTMODELSREQUEST']._serialized_start=1369
+  _globals['_LISTMODELSREQUEST']._serialized_end=1388
+  _globals['_MODEL']._serialized_start=1390
+  _globals['_MODEL']._serialized_end=1507
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1509
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1563
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1565
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1587
+  _globals['_IDENTITY']._serialized_start=1589
+  _globals['_IDENTITY']._serialized_end=1708
+  _globals['_SERVERINFO']._serialized_start=1711
+  _globals['_SERVERINFO']._serialized_end=2029
+  _globals['_CANCELREQUEST']._serialized_start=2031
+  _globals['_CANCELREQUEST']._serialized_end=2066
+  _globals['_CANCELRESPONSE']._serialized_start=2068
+  _globals['_CANCELRESPONSE']._serialized_end=2103
+  _globals['_INFERENCE']._serialized_start=2232
+  _globals['_INFERENCE']._serialized_end=2522
 # @@protoc_insertion_point(module_scope)
