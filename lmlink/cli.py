@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lmlink import __version__
@@ -66,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         choices=("local", "tailscaled", "tsnet"),
         default="local",
-        help="where to listen: local = loopback only, for development (default: local)",
+        help="where to listen: local = loopback only, plaintext, for development; tailscaled = "
+        "this node's tailnet addresses via the Tailscale daemon; tsnet = an embedded tailnet "
+        "node (needs the tsnet extra). Tailnet modes use TLS and check every caller with WhoIs. "
+        "(default: local)",
     )
     serve.add_argument(
         "--host",
@@ -84,6 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
             "port of the HTTP bridge (OpenAI-compatible /v1 API, /v1/shortcuts/ask for iOS "
             "Shortcuts, /health) on the same host as gRPC, 0 = any (default: 47471)"
         ),
+    )
+    serve.add_argument(
+        "--state-dir",
+        default=None,
+        help="keys, certificates and server state (default: $LMLINK_STATE_DIR or the "
+        "platform's per-user state dir); secrets are stored 0600",
+    )
+    serve.add_argument(
+        "--localapi-socket",
+        default=os.environ.get("LMLINK_LOCALAPI_SOCKET"),
+        help="Tailscale LocalAPI socket for --listen tailscaled (env LMLINK_LOCALAPI_SOCKET; "
+        "default: the platform's own)",
+    )
+    serve.add_argument(
+        "--require-client-cert",
+        action="store_true",
+        help="tailnet modes: also require a client certificate from `lmlink enroll` (mutual TLS)",
+    )
+    serve.add_argument("--tsnet-hostname", default="lmlink", help="tsnet: this node's tailnet name")
+    serve.add_argument(
+        "--tsnet-auth-key-file",
+        default=None,
+        help="tsnet: file holding the auth key (else env TS_AUTHKEY)",
+    )
+    serve.add_argument(
+        "--tsnet-control-url", default=None, help="tsnet: control server URL (e.g. Headscale)"
     )
     serve.add_argument(
         "--max-batch", type=_positive_int, default=32, help="concurrent streams decoded together"
@@ -155,6 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lmlink.engine.engine import EngineConfig
+    from lmlink.front_door import TailnetSettings, default_state_dir
     from lmlink.server import RunningServer, ServeOptions, serve
 
     logging.basicConfig(
@@ -174,6 +205,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch,
             max_queue=args.max_queue,
             default_max_tokens=max(1, args.default_max_tokens),
+        ),
+        tailnet=TailnetSettings(
+            state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+            localapi_socket=args.localapi_socket,
+            require_client_cert=args.require_client_cert,
+            tsnet_hostname=args.tsnet_hostname,
+            tsnet_auth_key_file=args.tsnet_auth_key_file,
+            tsnet_control_url=args.tsnet_control_url,
         ),
     )
     if args.name:
@@ -195,16 +234,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "http": running.http_address,
                         "model": engine.model_id,
                         "listen": args.listen,
+                        "tls_fingerprint": running.tls_fingerprint or None,
                     }
                 ),
                 flush=True,
             )
         else:
+            scheme = "https" if running.tls_fingerprint else "http"
             console.print(
                 f"[bold green]lmlink[/] serving [bold]{engine.model_id}[/] on "
-                f"{running.grpc_address} (HTTP: http://{running.http_address}/v1) "
+                f"{running.grpc_address} (HTTP: {scheme}://{running.http_address}/v1) "
                 f"({args.listen} mode). Ctrl-C to stop."
             )
+            if running.tls_fingerprint:
+                console.print(f"TLS certificate {running.tls_fingerprint}")
 
     status.start()
     try:

@@ -18,13 +18,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lmlink.api.gate import Gate, LoopbackGate
+from lmlink.api.gate import Gate
 from lmlink.api.grpc_service import InferenceService, ServerFacts
 from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
 from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
 from lmlink.engine.loader import LoadedModel, load_model
 from lmlink.engine.registry import ModelRegistry
+from lmlink.front_door import FrontDoor, FrontDoorError, TailnetSettings, local_door, tailnet_door
 from lmlink.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("lmlink.server")
@@ -32,7 +33,6 @@ log = logging.getLogger("lmlink.server")
 DEFAULT_GRPC_PORT = 47470
 DEFAULT_HTTP_PORT = 47471
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 class ServeError(Exception):
@@ -48,6 +48,7 @@ class ServeOptions:
     http_port: int | None = DEFAULT_HTTP_PORT  # None: no HTTP bridge
     name: str = field(default_factory=socket.gethostname)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    tailnet: TailnetSettings = field(default_factory=TailnetSettings)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class RunningServer:
     registry: ModelRegistry
     stopped: asyncio.Event
     http_address: str | None = None
+    tls_fingerprint: str = ""
 
 
 def check_bindable(host: str, port: int) -> None:
@@ -90,18 +92,32 @@ async def serve(
     gate: Gate | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM (or the returned `stopped` event is set)."""
-    if options.listen != "local":
-        raise ServeError(
-            f"--listen {options.listen} is not available in this build; use --listen local"
-        )
-    if options.host not in LOOPBACK_HOSTS:
-        raise ServeError(f"local mode only listens on loopback, not {options.host!r}")
+    try:
+        if options.listen == "local":
+            door = local_door(options.host)
+        else:
+            door = await tailnet_door(options.listen, options.tailnet)
+    except FrontDoorError as exc:
+        raise ServeError(str(exc)) from None
+    try:
+        await _serve_behind(door, options, on_ready, on_progress, loaded, gate or door.gate)
+    finally:
+        await door.aclose()
+
+
+async def _serve_behind(
+    door: FrontDoor,
+    options: ServeOptions,
+    on_ready: Callable[[RunningServer], None] | None,
+    on_progress: Callable[[str], None] | None,
+    loaded: LoadedModel | None,
+    gate: Gate,
+) -> None:
     loop = asyncio.get_running_loop()
     registry = ModelRegistry()
     hub = StreamHub(loop)
     ready = asyncio.Event()
     facts = ServerFacts(name=options.name, listen_mode=options.listen, started_at=time.time())
-    gate = gate or LoopbackGate()
     service = InferenceService(registry, hub, gate, facts, ready.is_set)
 
     server = grpc.aio.server(options=grpc_channel_options())
@@ -113,19 +129,30 @@ async def serve(
          reflection.SERVICE_NAME),
         server,
     )
-    host = f"[{options.host}]" if ":" in options.host else options.host
-    check_bindable(options.host, options.grpc_port)
+    # In tailnet modes the servers bind a private loopback port (any) and a relay takes the
+    # public port; in local mode they bind the public port directly.
+    relayed = door.mode != "local"
+    bind = door.bind_host
+    host = f"[{bind}]" if ":" in bind else bind
+    grpc_bind_port = 0 if relayed else options.grpc_port
+    check_bindable(bind, grpc_bind_port)
     try:
-        port = server.add_insecure_port(f"{host}:{options.grpc_port}")
+        if door.grpc_credentials is None:
+            port = server.add_insecure_port(f"{host}:{grpc_bind_port}")
+        else:
+            port = server.add_secure_port(f"{host}:{grpc_bind_port}", door.grpc_credentials)
     except RuntimeError as exc:
-        raise ServeError(f"cannot listen on {host}:{options.grpc_port}: {exc}") from exc
+        raise ServeError(f"cannot listen on {host}:{grpc_bind_port}: {exc}") from exc
     http: HttpListener | None = None
     if options.http_port is not None:  # same host as gRPC, so the same listener rules apply
+        http_bind_port = 0 if relayed else options.http_port
         try:
-            http_socket = bind_socket(options.host, options.http_port)
+            http_socket = bind_socket(bind, http_bind_port)
         except OSError as exc:
-            raise ServeError(f"cannot listen on {host}:{options.http_port}: {exc.strerror}") from None
-        http = HttpListener(HttpBridge(registry, hub, gate, ready.is_set).app(), http_socket)
+            raise ServeError(f"cannot listen on {host}:{http_bind_port}: {exc.strerror}") from None
+        http = HttpListener(
+            HttpBridge(registry, hub, gate, ready.is_set).app(), http_socket, door.http_tls_files
+        )
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
@@ -139,6 +166,15 @@ async def serve(
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
     try:
+        try:
+            grpc_address = await door.expose(port, options.grpc_port)
+            http_address = (
+                await door.expose(http.port, options.http_port)
+                if http is not None and options.http_port is not None
+                else None
+            )
+        except FrontDoorError as exc:
+            raise ServeError(str(exc)) from None
         if loaded is None:
             loaded = await asyncio.to_thread(load_model, options.model, progress=on_progress)
         engine = Engine(loaded, options.engine)
@@ -148,10 +184,10 @@ async def serve(
         ready.set()
         for svc in ("", SERVICE_NAME):
             await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (listen mode %s)", loaded.id, host, port, options.listen)
+        log.info("serving %s on %s (listen mode %s)", loaded.id, grpc_address, options.listen)
         if on_ready:
             on_ready(
-                RunningServer(f"{host}:{port}", registry, stopped, http.address if http else None)
+                RunningServer(grpc_address, registry, stopped, http_address, door.fingerprint)
             )
         await stopped.wait()
     finally:

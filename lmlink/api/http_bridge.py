@@ -552,9 +552,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class HttpListener:
     """uvicorn serving an ASGI app on an already bound socket, inside the running event loop."""
 
-    def __init__(self, app: Any, sock: socket.socket) -> None:
+    def __init__(
+        self, app: Any, sock: socket.socket, tls_files: tuple[Any, Any] | None = None
+    ) -> None:
+        cert_file, key_file = tls_files if tls_files else (None, None)
         config = uvicorn.Config(
             app,
+            ssl_certfile=str(cert_file) if cert_file else None,
+            ssl_keyfile=str(key_file) if key_file else None,
             http="auto",  # httptools when installed: the cheapest parser
             lifespan="off",
             log_config=None,  # keep the process's logging setup
@@ -574,6 +579,7 @@ class HttpListener:
         self._sock = sock
         self._task: asyncio.Task[None] | None = None
         host, port = sock.getsockname()[:2]
+        self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def start(self) -> None:

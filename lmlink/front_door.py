@@ -1,0 +1,164 @@
+"""How callers reach a running server, per listen mode.
+
+`local`: the gRPC and HTTP servers bind loopback directly, plaintext, every caller is the owner.
+`tailscaled` / `tsnet`: the servers bind a private loopback port with TLS, and a relay on the
+tailnet addresses accepts connections, asks WhoIs who the peer is, refuses strangers, and pipes
+the still-encrypted bytes inward while `PeerIdentities` tells the servicers who is calling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from lmlink.access.gate import PolicyGate
+from lmlink.access.identity import Identity
+from lmlink.access.policy import Policy
+from lmlink.api.gate import Gate, LoopbackGate
+
+log = logging.getLogger("lmlink.server")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class FrontDoorError(Exception):
+    """The listen mode cannot be set up (no tailnet, bad address); one-line reason."""
+
+
+def default_state_dir() -> Path:
+    """$LMLINK_STATE_DIR, else the platform's per-user state/app-support directory."""
+    if os.environ.get("LMLINK_STATE_DIR"):
+        return Path(os.environ["LMLINK_STATE_DIR"])
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "lmlink"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "lmlink"
+
+
+@dataclass
+class TailnetSettings:
+    state_dir: Path = field(default_factory=default_state_dir)
+    localapi_socket: str | None = None
+    require_client_cert: bool = False
+    tsnet_hostname: str = "lmlink"
+    tsnet_auth_key_file: str | None = None
+    tsnet_control_url: str | None = None
+
+
+@dataclass
+class FrontDoor:
+    """What serve needs from a listen mode: a gate, how to bind, and how to expose ports."""
+
+    mode: str
+    gate: Gate
+    bind_host: str
+    grpc_credentials: grpc.ServerCredentials | None = None
+    http_tls_files: tuple[Path, Path] | None = None
+    fingerprint: str = ""
+    public_hosts: list[str] = field(default_factory=list)
+    _expose: Callable[[int, int], Awaitable[list[str]]] | None = None
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _tmp: Any = None
+
+    async def expose(self, internal_port: int, public_port: int) -> str:
+        """The public address for a server bound at `internal_port` (relayed in tailnet modes)."""
+        if self._expose is None:
+            host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+            return f"{host}:{internal_port}"
+        return ", ".join(await self._expose(internal_port, public_port))
+
+    async def aclose(self) -> None:
+        for close in reversed(self._closers):
+            await close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def local_door(host: str) -> FrontDoor:
+    if host not in LOOPBACK_HOSTS:
+        raise FrontDoorError(f"local mode only listens on loopback, not {host!r}")
+    return FrontDoor("local", LoopbackGate(), host)
+
+
+async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
+    """Set up TLS material, identities and the relay for `tailscaled` or `tsnet` mode."""
+    from lmlink.net.listeners import ListenError, tailscaled_bind_hosts
+    from lmlink.net.localapi import LocalAPI, LocalAPIError
+    from lmlink.net.relay import PeerIdentities, Relay
+    from lmlink.net.tls import TLSMaterialError, server_credentials, server_tls
+
+    identities = PeerIdentities()
+    resolve: Callable[[str, int], Awaitable[Identity | None]]
+    closers: list[Callable[[], Awaitable[None]]] = []
+    node: Any = None
+    try:
+        if mode == "tailscaled":
+            api = LocalAPI(settings.localapi_socket)
+            me = api.self_node()
+            hosts = tailscaled_bind_hosts(api)
+            tls = server_tls(settings.state_dir, [me.dns_name, *hosts], localapi=api)
+            resolve = api.awhois
+        elif mode == "tsnet":
+            from lmlink.net.tsnet import TsnetConfig, TsnetNode, load_auth_key
+
+            config = TsnetConfig(
+                hostname=settings.tsnet_hostname,
+                state_dir=settings.state_dir / "tsnet",
+                auth_key=load_auth_key(settings.tsnet_auth_key_file),
+                control_url=settings.tsnet_control_url,
+            )
+            node = await TsnetNode.start(config)
+            hosts = await node.addresses()
+            tls = server_tls(settings.state_dir, [settings.tsnet_hostname, *hosts])
+            resolve = node.whois
+        else:
+            raise FrontDoorError(f"unknown listen mode {mode!r}")
+    except (LocalAPIError, ListenError, TLSMaterialError) as exc:
+        raise FrontDoorError(str(exc)) from None
+    except Exception as exc:
+        from lmlink.net.tsnet import TsnetUnavailable
+
+        if isinstance(exc, TsnetUnavailable):
+            raise FrontDoorError(str(exc)) from None
+        raise
+
+    tmp = tempfile.TemporaryDirectory(prefix="lmlink-tls-")
+    os.chmod(tmp.name, 0o700)
+    http_files = tls.write_files(tmp.name)
+
+    async def expose(internal_port: int, public_port: int) -> list[str]:
+        relay = Relay(("127.0.0.1", internal_port), resolve, identities)
+        closers.append(relay.aclose)
+        if node is not None:
+            import asyncio
+
+            task = asyncio.ensure_future(node.serve(relay, public_port))
+
+            async def stop_task() -> None:
+                task.cancel()
+
+            closers.append(stop_task)
+            return [f"{h}:{public_port}" for h in hosts]
+        try:
+            return await relay.listen(hosts, public_port)
+        except OSError as exc:
+            raise FrontDoorError(f"cannot listen on port {public_port}: {exc.strerror}") from None
+
+    return FrontDoor(
+        mode=mode,
+        gate=PolicyGate(identities.lookup, Policy()),
+        bind_host="127.0.0.1",
+        grpc_credentials=server_credentials(tls, require_client_cert=settings.require_client_cert),
+        http_tls_files=http_files,
+        fingerprint=tls.fingerprint,
+        public_hosts=list(hosts),
+        _expose=expose,
+        _closers=closers,
+        _tmp=tmp,
+    )
