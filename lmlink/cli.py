@@ -173,7 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a server's health, load and who you are to it")
     _add_server_flag(status)
     status.add_argument("--json", action="store_true", help="print JSON")
+    enroll = sub.add_parser(
+        "enroll",
+        help="issue a client certificate for a device (mutual TLS, run on the server)",
+        description=(
+            "Issue a client certificate signed by this server's project CA, for servers run "
+            "with --require-client-cert. Copy the two files to the device as "
+            "~/.config/lmlink/client-certs/HOST_PORT.pem and HOST_PORT.key (mode 0600); the "
+            "lmlink client sends them automatically to that server."
+        ),
+    )
+    enroll.add_argument("device", help="device name, e.g. alice-laptop")
+    enroll.add_argument("--state-dir", default=None, help="the server's state dir")
+    enroll.add_argument("--out", default=".", help="directory for DEVICE.pem and DEVICE.key")
+    enroll.add_argument("--days", type=_positive_int, default=365, help="validity in days")
     return parser
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    import re
+
+    from lmlink.front_door import default_state_dir
+    from lmlink.net.files import private_dir, write_private
+    from lmlink.net.tls import issue_client_cert
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", args.device):
+        raise CliError("device name must be letters, digits, '.', '_' or '-' (max 63)")
+    if args.days < 1:
+        raise CliError("--days must be at least 1")
+    state = Path(args.state_dir) if args.state_dir else default_state_dir()
+    cert = issue_client_cert(state, args.device, days=args.days)
+    out = Path(args.out)
+    if not out.exists():
+        private_dir(out)
+    write_private(out / f"{args.device}.key", cert.key_pem)
+    write_private(out / f"{args.device}.pem", cert.cert_pem)
+    print(f"issued {out / (args.device + '.pem')} and .key (0600), {cert.fingerprint}")
+    return EXIT_OK
 
 
 # ----- serve -------------------------------------------------------------------------------
@@ -414,6 +450,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chat": cmd_chat,
     "models": cmd_models,
     "status": cmd_status,
+    "enroll": cmd_enroll,
 }
 
 

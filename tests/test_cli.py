@@ -149,3 +149,22 @@ def test_serve_stops_cleanly_on_sigterm():
     stop_server(srv.process)
     assert srv.process.returncode == 0
     assert time.monotonic() - start < 10
+
+
+def test_enroll_issues_private_client_cert(tmp_path):
+    from cryptography import x509
+
+    result = lmlink("enroll", "alice-laptop", "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    key, pem = tmp_path / "out/alice-laptop.key", tmp_path / "out/alice-laptop.pem"
+    assert key.stat().st_mode & 0o777 == 0o600 and pem.stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate(pem.read_bytes())
+    ca = x509.load_pem_x509_certificate((tmp_path / "state/tls/ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert "alice-laptop" in cert.subject.rfc4514_string()
+
+
+def test_enroll_rejects_bad_device_name(tmp_path):
+    result = lmlink("enroll", "../evil", "--state-dir", str(tmp_path), "--out", str(tmp_path))
+    assert_one_line_error(result)
+    assert not list(tmp_path.glob("*.key"))
