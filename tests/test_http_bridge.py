@@ -118,10 +118,13 @@ def test_openai_text_completions_match_grpc(oai, grpc_client):
 
 
 def test_openai_fields_list_content_stop_seed(oai, grpc_client):
-    base = grpc_client.complete("The", max_tokens=30)
+    base = grpc_client.complete("The", max_tokens=30, ignore_eos=True)
+    assert len(base.text) > 6, base.text
     stop = base.text[2:5]
     for stop_value in (stop, [stop, "never-appears-xyz"]):
-        cut = oai.completions.create(model="", prompt="The", max_tokens=30, stop=stop_value)
+        cut = oai.completions.create(
+            model="", prompt="The", max_tokens=30, stop=stop_value, extra_body={"ignore_eos": True}
+        )
         assert cut.choices[0].finish_reason == "stop"
         assert stop not in cut.choices[0].text and base.text.startswith(cut.choices[0].text)
     parts = [{"type": "text", "text": "Tell me about "}, {"type": "text", "text": "the river."}]
@@ -320,7 +323,7 @@ def _background_stream(server) -> tuple[threading.Thread, list[str]]:
 
     def run() -> None:
         with httpx.stream("POST", f"{server.http_url}/v1/completions", timeout=60,
-                          json={"prompt": "Once upon a time", "max_tokens": 80, "stream": True}) as r:
+                          json={"prompt": "Once upon a time", "max_tokens": 80, "ignore_eos": True, "stream": True}) as r:
             out.extend(line for line in r.iter_lines() if line)
 
     thread = threading.Thread(target=run)
@@ -384,7 +387,7 @@ def test_duplicate_request_id_is_409(server):
     url = f"{server.http_url}/v1/completions"
     headers = {"x-request-id": "http-dup-1"}
     with httpx.stream("POST", url, headers=headers, timeout=60,
-                      json={"prompt": "Once", "max_tokens": 1500, "stream": True}) as first:
+                      json={"prompt": "Once", "max_tokens": 1500, "ignore_eos": True, "stream": True}) as first:
         assert first.headers["x-request-id"] == "http-dup-1"
         lines = first.iter_lines()  # keep a reference: closing the iterator closes the connection
         next(lines)  # streaming: the id is in use
@@ -400,7 +403,7 @@ def test_duplicate_request_id_is_409(server):
 def test_stream_disconnect_frees_the_slot(server, grpc_client):
     assert wait_idle(grpc_client) == 0
     with httpx.stream("POST", f"{server.http_url}/v1/completions", timeout=60,
-                      json={"prompt": "Once upon a time", "max_tokens": 1900, "stream": True}) as r:
+                      json={"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True, "stream": True}) as r:
         lines = r.iter_lines()  # keep a reference: closing the iterator closes the connection
         data = 0
         while data < 3:
@@ -410,7 +413,7 @@ def test_stream_disconnect_frees_the_slot(server, grpc_client):
 
 
 def test_curl_killed_mid_stream_frees_the_slot(server, grpc_client):
-    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "stream": True})
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True, "stream": True})
     proc = subprocess.Popen(["curl", "-sN", "-H", "Content-Type: application/json", "-d", body,
                              f"{server.http_url}/v1/completions"], stdout=subprocess.PIPE)
     assert proc.stdout is not None
@@ -420,13 +423,10 @@ def test_curl_killed_mid_stream_frees_the_slot(server, grpc_client):
     assert wait_idle(grpc_client) == 0
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 1900}),
-    ("/v1/shortcuts/ask", {"question": "Once upon a time", "max_tokens": 1900}),
-])
-def test_non_streaming_disconnect_frees_the_slot(server, grpc_client, path, body):
+def test_non_streaming_disconnect_frees_the_slot(server, grpc_client):
     assert wait_idle(grpc_client) == 0
-    payload = json.dumps(body).encode()
+    path = "/v1/completions"
+    payload = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True}).encode()
     host, port = server.http.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -567,6 +567,25 @@ async def test_shortcut_time_limit_answers_504_and_cancels():
         plain = await h.post("/v1/shortcuts/ask", content="Once", headers={"accept": "text/plain"})
         assert plain.status_code == 504 and plain.text.startswith("Error: no complete answer")
     assert silent.cancelled == ["silent-1", "silent-1"]
+
+
+async def test_shortcut_client_leaving_cancels_the_generation():
+    silent = SilentEngine()
+    async with bridge(silent) as (url, _):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        payload = b'{"question": "Once upon a time", "conversation": "gone"}'
+        writer.write(b"POST /v1/shortcuts/ask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        assert silent.cancelled == []  # still waiting for the answer
+        writer.close()
+        for _ in range(100):
+            if silent.cancelled:
+                break
+            await asyncio.sleep(0.01)
+    assert silent.cancelled == ["silent-1"]
 
 
 async def test_keepalive_comments_while_waiting_and_disconnect_cancels():

@@ -247,7 +247,8 @@ def _sampling(body: Mapping[str, Any]) -> SamplingOptions:
         raise _invalid("stop must be a string or a list of strings", "stop")
     temperature = _opt(body, "temperature", float)
     top_p = _opt(body, "top_p", float)
-    top_k = _opt(body, "top_k", int)  # not OpenAI; accepted like vLLM and mlx_lm.server do
+    # top_k, min_p, repetition_penalty, ignore_eos: not OpenAI's, accepted as vLLM does.
+    top_k = _opt(body, "top_k", int)
     min_p = _opt(body, "min_p", float)
     return SamplingOptions(
         temperature=defaults.temperature if temperature is None else temperature,
@@ -258,6 +259,7 @@ def _sampling(body: Mapping[str, Any]) -> SamplingOptions:
         stop=stops,
         seed=_opt(body, "seed", int),
         repetition_penalty=_opt(body, "repetition_penalty", float),
+        ignore_eos=bool(_opt(body, "ignore_eos", bool)),  # vLLM's extension, for load tests
     )
 
 
