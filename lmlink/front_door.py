@@ -146,9 +146,12 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
             closers.append(stop_task)
             return [f"{h}:{public_port}" for h in hosts]
         try:
-            return await relay.listen(hosts, public_port)
+            bound = await relay.listen(hosts, public_port)
+        except ListenError as exc:  # e.g. the public port is taken on a tailnet address
+            raise FrontDoorError(str(exc)) from None
         except OSError as exc:
             raise FrontDoorError(f"cannot listen on port {public_port}: {exc.strerror}") from None
+        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in bound]
 
     return FrontDoor(
         mode=mode,
