@@ -290,7 +290,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(options, on_ready=on_ready, on_progress=on_progress))
     finally:
         status.stop()
-    return EXIT_OK
+    # Everything was shut down gracefully above. Skip interpreter finalization: native
+    # threads (MLX, grpc) racing static destructors there can abort an otherwise clean exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_OK)
 
 
 # ----- client commands ---------------------------------------------------------------------

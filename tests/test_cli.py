@@ -147,7 +147,7 @@ def test_serve_stops_cleanly_on_sigterm():
     srv = start_server()
     start = time.monotonic()
     stop_server(srv.process)
-    assert srv.process.returncode == 0
+    assert srv.process.returncode == 0, srv.process.stderr.read()[-2000:]
     assert time.monotonic() - start < 10
 
 
