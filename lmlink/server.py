@@ -49,6 +49,7 @@ class ServeOptions:
     name: str = field(default_factory=socket.gethostname)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tailnet: TailnetSettings = field(default_factory=TailnetSettings)
+    mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
 
 
 @dataclass
@@ -165,6 +166,7 @@ async def _serve_behind(
             loop.add_signal_handler(sig, stopped.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
+    advertiser = None
     try:
         try:
             grpc_address = await door.expose(port, options.grpc_port)
@@ -175,6 +177,15 @@ async def _serve_behind(
             )
         except FrontDoorError as exc:
             raise ServeError(str(exc)) from None
+        if options.mdns:
+            from lmlink.net.mdns import start_for_server
+
+            advertiser = await start_for_server(
+                mode=door.mode, name=options.name, grpc_address=grpc_address,
+                http_address=http_address, fingerprint=door.fingerprint,
+                localapi_socket=options.tailnet.localapi_socket,
+                tsnet_hostname=options.tailnet.tsnet_hostname,
+            )
         if loaded is None:
             loaded = await asyncio.to_thread(load_model, options.model, progress=on_progress)
         engine = Engine(loaded, options.engine)
@@ -184,6 +195,8 @@ async def _serve_behind(
         ready.set()
         for svc in ("", SERVICE_NAME):
             await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        if advertiser is not None:
+            await advertiser.serving(lambda: [e.model_id for e in registry.engines()])
         log.info("serving %s on %s (listen mode %s)", loaded.id, grpc_address, options.listen)
         if on_ready:
             on_ready(
@@ -191,6 +204,8 @@ async def _serve_behind(
             )
         await stopped.wait()
     finally:
+        if advertiser is not None:  # goodbye packets first, so browsers drop us at once
+            await advertiser.aclose()
         await health_servicer.enter_graceful_shutdown()
         await asyncio.gather(server.stop(grace=2.0), http.stop() if http else asyncio.sleep(0))
         await asyncio.to_thread(registry.stop_all)
