@@ -27,11 +27,27 @@ def _add_server_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server",
         metavar="HOST:PORT",
-        help="server address (default: $LMLINK_SERVER, else 127.0.0.1:47470)",
+        help="server address (default: $LMLINK_SERVER, else discovery: mDNS, tailnet peers)",
     )
     p.add_argument(
         "--timeout", type=float, default=None, metavar="S", help="deadline for the call in seconds"
     )
+    p.add_argument(
+        "--direct-only",
+        action="store_true",
+        help="refuse a tailnet path relayed through DERP (also direct_only in config.toml)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 60:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most 60 seconds")
+    return value
+
 
 
 def _positive_int(text: str) -> int:
@@ -129,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--name", default=None, help="server name shown to clients (default: hostname)")
     serve.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="do not advertise on the LAN with mDNS (_lmlink._tcp; loopback only in local mode)",
+    )
+    serve.add_argument(
         "--json", action="store_true", help="print one JSON line when ready (for scripts)"
     )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -173,6 +194,30 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a server's health, load and who you are to it")
     _add_server_flag(status)
     status.add_argument("--json", action="store_true", help="print JSON")
+    discover = sub.add_parser(
+        "discover",
+        help="find lmlink servers on the LAN (mDNS) and among tailnet peers",
+        description=(
+            "Listen for _lmlink._tcp mDNS answers (loopback and LAN) and list tailnet peers "
+            "tagged tag:lmlink or named lmlink*, confirm each with an authenticated "
+            "GetServerInfo, and show where it was found and whether its tailnet path is direct "
+            "or relayed. Exit 1 when no usable server is found."
+        ),
+    )
+    discover.add_argument(
+        "--timeout", type=_seconds, default=None, metavar="S",
+        help="seconds to listen for mDNS answers, up to 60 (default: 2, or discovery_timeout "
+        "in config.toml); confirming what was found may take up to 3 s more",
+    )
+    discover.add_argument("--json", action="store_true", help="print JSON")
+    discover.add_argument(
+        "--direct-only", action="store_true", help="mark servers reached through a DERP relay as refused"
+    )
+    discover.add_argument(
+        "--localapi-socket",
+        default=os.environ.get("LMLINK_LOCALAPI_SOCKET"),
+        help="this device's Tailscale LocalAPI socket (env LMLINK_LOCALAPI_SOCKET)",
+    )
     enroll = sub.add_parser(
         "enroll",
         help="issue a client certificate for a device (mutual TLS, run on the server)",
@@ -253,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.name:
         options.name = args.name
+    options.mdns = not args.no_mdns
     status = console.status(f"loading model {args.model} ...", spinner="dots")
 
     def on_progress(message: str) -> None:
@@ -304,7 +350,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from lmlink.client import Client
 
-    return Client(args.server, timeout=args.timeout)
+    target, fingerprint = _resolve_server(args)
+    return Client(target, timeout=args.timeout, expected_fingerprint=fingerprint)
+
+
+def _resolve_server(args: argparse.Namespace) -> tuple[str, str | None]:
+    """--server, else $LMLINK_SERVER, else discovery; --direct-only checks the path either way."""
+    from lmlink.client.discovery import check_path, find_server, load_settings
+
+    settings = load_settings()
+    direct_only = args.direct_only or settings.direct_only
+    explicit = args.server or os.environ.get("LMLINK_SERVER")
+    if explicit:
+        if direct_only:
+            check_path(explicit, direct_only=True)
+        return explicit, None
+    ep = find_server(direct_only=direct_only, settings=settings, model=getattr(args, "model", ""))
+    print(
+        f"lmlink: using {ep.name or ep.target} at {ep.target} (found via {'+'.join(ep.origins)},"
+        f" path {ep.path_detail or ep.path})",
+        file=sys.stderr,
+    )
+    return ep.target, ep.advertised_fingerprint or None
+
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -421,15 +489,22 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from lmlink.client.discovery import check_path
+
     with _client(args) as client:
         health = client.health()
         info = client.server_info()
+    path = check_path(client.target, direct_only=False)
     if args.json:
-        print(json.dumps({"target": client.target, "health": health, **asdict(info)}, indent=2))
+        route = {"kind": path.kind, "detail": path.describe(), "peer": path.peer,
+                 "cur_addr": path.cur_addr, "relay": path.relay}
+        print(json.dumps({"target": client.target, "health": health, **asdict(info),
+                          "path": route}, indent=2))
         return EXIT_OK
     c = info.caller
     lines = [
         f"server     {info.name} at {client.target} ({info.listen_mode} mode)",
+        f"path       {path.describe()}",
         f"health     {health}",
         f"version    lmlink {info.version}, protocol v{info.protocol_version}, {info.platform}",
         f"models     {', '.join(info.models) or '(none you may use)'}",
@@ -439,6 +514,47 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"you are    {c.login_name} via {c.source}" + (" (owner)" if c.is_owner else ""),
     ]
     print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from lmlink.client.discovery import discover, load_settings
+
+    settings = load_settings()
+    direct_only = args.direct_only or settings.direct_only
+    found = discover(
+        args.timeout, settings=settings, direct_only=direct_only,
+        localapi_socket=args.localapi_socket,
+    )
+    if args.json:
+        print(json.dumps({
+            "elapsed_seconds": found.elapsed,
+            "mdns_interfaces": found.interfaces,
+            "notes": found.notes,
+            "endpoints": [e.to_dict() for e in found.endpoints],
+        }, indent=2))
+    else:
+        rows = [("NAME", "ADDRESS", "FOUND VIA", "PATH", "MODELS", "STATUS")]
+        for e in found.endpoints:
+            models = ", ".join(e.models) if e.models else (f"{e.model_count} ({e.models_hash})"
+                                                           if e.models_hash else "")
+            status = e.status if e.usable else f"{e.status}: {e.error}"
+            rows.append((e.name or e.peer or "?", e.target, "+".join(e.origins),
+                         e.path_detail or e.path, models, status))
+        if len(rows) > 1:
+            widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            for r in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+        for note in found.notes:
+            print(f"note: {note}", file=sys.stderr)
+    if not found.usable:
+        if found.endpoints:
+            raise CliError(f"no usable lmlink server among {len(found.endpoints)} found")
+        raise CliError(
+            f"no lmlink server found in {found.elapsed:.1f} s (mDNS on "
+            f"{', '.join(found.interfaces) or 'no interface'}, tailnet peers tagged "
+            f"{settings.tailnet_tag} or named lmlink*)"
+        )
     return EXIT_OK
 
 
@@ -455,6 +571,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chat": cmd_chat,
     "models": cmd_models,
     "status": cmd_status,
+    "discover": cmd_discover,
     "enroll": cmd_enroll,
 }
 

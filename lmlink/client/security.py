@@ -67,7 +67,9 @@ def channel_security(
     try:
         pinned = pin_server(host, port, client_cert=client_cert, expected=expected_fingerprint)
     except FingerprintMismatch as exc:
-        raise TrustError(str(exc)) from None
+        error = TrustError(str(exc))
+        error.expected, error.presented = exc.pinned, exc.presented  # type: ignore[attr-defined]
+        raise error from None
     except PinningError as exc:
         raise Unavailable(f"cannot reach lmlink server at {target} ({exc})") from None
     return ChannelSecurity(
