@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -218,7 +219,7 @@ def test_mdns_discovery_between_namespaces(tmp_path):
             errs["b"] = stop(b)[1]
             assert b.returncode == 0, errs["b"][-2000:]
             removed = agent.browse("removed", "lmlink-b", 5)
-            goodbye_after = removed["at"] - t_stop  # the record's TTL is 75 s; goodbye is at once
+            goodbye_after = removed["at"] - t_stop  # records live 75 min; a goodbye ends them at once
             assert goodbye_after < 3.0
 
             # --- direct-only: the relayed peer is refused; the forgeries are rejected ------
@@ -255,8 +256,12 @@ def test_mdns_discovery_between_namespaces(tmp_path):
     assert not local_events  # local mode never leaves the server's loopback
     assert pair.ns_server not in namespaces_left() and pair.ns_client not in namespaces_left()
     elapsed = time.monotonic() - t_begin
+    probing = re.search(r"mDNS: advertising lmlink-studio\S* on \S+ \((\d+\.\d) s\)", a_err)
+    assert probing, a_err[-2000:]
     timings = {"serve_start_to_seen_s": round(seen_after_start, 2),
                "serve_start_to_ready_line_s": round(t_ready - t_start, 2),
+               "ready_line_to_seen_s": round(added["at"] - t_ready, 2),
+               "register_to_announced_s": float(probing.group(1)),
                "stop_to_goodbye_seen_s": round(goodbye_after, 2), "test_s": round(elapsed, 1)}
     print("discovery timings:", json.dumps(timings))
     assert seen_after_start < 15, timings

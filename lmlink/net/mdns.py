@@ -498,10 +498,13 @@ async def start_for_server(
         name=name, node=node, mode=mode, port=pairs[0][1], hosts=hosts,
         fingerprint=fingerprint, http_port=http_port, protocol=protocol,
     )
-    advertiser = MdnsAdvertiser(ad, advertise_interfaces(mode))
     try:
+        advertiser = MdnsAdvertiser(ad, advertise_interfaces(mode))
         await advertiser.start()
     except MdnsError as exc:
         log.warning("mDNS: not advertising: %s", exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - mDNS must never take the server down
+        log.warning("mDNS: not advertising: %s: %s", type(exc).__name__, exc)
         return None
     return advertiser
