@@ -11,13 +11,19 @@ Grant JSON shape (one object per grant; a caller may hold several, they add up):
       "models":  ["*"] | ["model-id", "qwen-*", ...],  # required; fnmatch patterns, "*" = all
       "actions": ["generate", "list", "info", "cancel", "admin"],  # optional, default: all but admin
       "max_streams": 4,           # optional positive int: concurrent Generate streams
-      "tokens_per_minute": 20000  # optional positive int: completion tokens per minute
+      "tokens_per_minute": 20000, # optional positive int: completion tokens per minute
+      "tokens_per_day": 500000    # optional positive int: completion tokens per day
     }
 
 Unknown keys and unknown action names are ignored (forward-compatible, they grant nothing).
 A grant whose shape is wrong (models missing or not a list of strings, a bad limit) is ignored
 whole, and the reason for a denial says so, so a typo in the policy file never grants more.
 When several grants allow the same thing, the most generous limit wins (absent = unlimited).
+
+Local shares (`lmlink share add`) name a login, a tag, or a tailnet group. Tailscale's WhoIs
+does not report group membership, so the tailnet policy states it with a second app
+capability, `lmlink.dev/cap/groups` = [{"groups": ["group:eng"]}], granted to that group;
+a share for "group:eng" then applies to every caller carrying that marker.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from lmlink.access.identity import Identity
 
 CAPABILITY = "lmlink.dev/cap/inference"
+GROUPS_CAPABILITY = "lmlink.dev/cap/groups"
 ACTIONS: tuple[str, ...] = ("generate", "list", "info", "cancel", "admin")
 DEFAULT_ACTIONS: frozenset[str] = frozenset({"generate", "list", "info", "cancel"})
 # Actions that concern one model; the others are checked without a model.
 MODEL_ACTIONS: frozenset[str] = frozenset({"generate"})
-_KNOWN_KEYS = {"models", "actions", "max_streams", "tokens_per_minute"}
+LIMIT_KEYS: tuple[str, ...] = ("max_streams", "tokens_per_minute", "tokens_per_day")
+_KNOWN_KEYS = {"models", "actions", *LIMIT_KEYS}
 POLICY_HINT = "see deploy/tailscale-policy.md"
 
 
@@ -43,15 +51,21 @@ class Limits:
 
     max_streams: int | None = None
     tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
 
     def merge(self, other: Limits) -> Limits:
-        """The more generous of two limit sets (None beats any number)."""
+        """The more generous of two limit sets, per limit (None beats any number)."""
 
         def wider(a: int | None, b: int | None) -> int | None:
             return None if a is None or b is None else max(a, b)
 
         return Limits(wider(self.max_streams, other.max_streams),
-                      wider(self.tokens_per_minute, other.tokens_per_minute))
+                      wider(self.tokens_per_minute, other.tokens_per_minute),
+                      wider(self.tokens_per_day, other.tokens_per_day))
+
+    @property
+    def unlimited(self) -> bool:
+        return self == UNLIMITED
 
 
 UNLIMITED = Limits()
@@ -113,7 +127,7 @@ def parse_grant(raw: Any) -> tuple[Grant | None, list[str]]:
             notes.append(f"unknown actions ignored: {', '.join(unknown)}")
         actions = frozenset(a for a in acts if a in ACTIONS)
     limits: dict[str, int | None] = {}
-    for key in ("max_streams", "tokens_per_minute"):
+    for key in LIMIT_KEYS:
         value = raw.get(key)
         if value is None:
             limits[key] = None
@@ -155,7 +169,8 @@ class Policy:
     def grants_for(self, identity: Identity) -> ParsedGrants:
         """All grant values that apply to this caller, parsed."""
         values: list[Any] = list(identity.capabilities.get(self.capability) or [])
-        principals = [identity.login_name, identity.node_name, *identity.tags]
+        principals = [identity.login_name, identity.node_name, *identity.tags,
+                      *identity_groups(identity)]
         for p in principals:
             if p:
                 values.extend(self.local_grants.get(p, ()))
@@ -182,8 +197,9 @@ class Policy:
     def _denial(self, who: str, action: str, model: str | None, parsed: ParsedGrants) -> str:
         problems = f" ({'; '.join(parsed.problems)})" if parsed.problems else ""
         if not parsed.grants:
-            return (f"{who} has no valid {self.capability} grant{problems}; "
-                    f"ask the tailnet admin for one ({POLICY_HINT})")
+            return (f"{who} has no valid {self.capability} grant{problems} and no local share; "
+                    f"ask the tailnet admin for one ({POLICY_HINT}) or the server owner for a "
+                    f"share (lmlink share add)")
         if not any(action in g.actions for g in parsed.grants):
             return f"{who} is not granted the {action!r} action{problems}"
         granted = sorted({m for g in parsed.grants if action in g.actions for m in g.models})
@@ -193,6 +209,20 @@ class Policy:
     def visible_models(self, identity: Identity, model_ids: Iterable[str]) -> list[str]:
         """The models this caller may generate with, in input order (what ListModels shows)."""
         return [m for m in model_ids if self.check(identity, "generate", m).allowed]
+
+
+def identity_groups(identity: Identity) -> tuple[str, ...]:
+    """Tailnet groups the caller belongs to, as the tailnet policy states them.
+
+    WhoIs has no group membership; the policy grants `lmlink.dev/cap/groups` =
+    [{"groups": ["group:eng", ...]}] to the group's members. Malformed values are ignored.
+    """
+    out: list[str] = []
+    for value in identity.capabilities.get(GROUPS_CAPABILITY) or ():
+        groups = value.get("groups") if isinstance(value, dict) else None
+        if isinstance(groups, list):
+            out.extend(g for g in groups if isinstance(g, str) and g.startswith("group:"))
+    return tuple(dict.fromkeys(out))
 
 
 _DEFAULT = Policy()
