@@ -62,6 +62,9 @@ class FrontDoor:
     http_tls_files: tuple[Path, Path] | None = None
     fingerprint: str = ""
     public_hosts: list[str] = field(default_factory=list)
+    # Ask the tailnet again who a caller is (grants change while connections stay open).
+    refresh: Callable[[Identity], Awaitable[Identity | None]] | None = None
+    owner_login: str = "local"  # whom an owner-bound bearer token names
     _expose: Callable[[int, int], Awaitable[list[str]]] | None = None
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _tmp: Any = None
@@ -97,6 +100,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
     resolve: Callable[[str, int], Awaitable[Identity | None]]
     closers: list[Callable[[], Awaitable[None]]] = []
     node: Any = None
+    refresh: Callable[[Identity], Awaitable[Identity | None]]
+    owner_login = ""
     try:
         if mode == "tailscaled":
             api = LocalAPI(settings.localapi_socket)
@@ -104,6 +109,10 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
             hosts = tailscaled_bind_hosts(api)
             tls = server_tls(settings.state_dir, [me.dns_name, *hosts], localapi=api)
             resolve = api.awhois
+            owner_login = "" if me.is_tagged else me.login_name
+
+            async def refresh(identity: Identity) -> Identity | None:
+                return await api.awhois(identity.addresses[0])
         elif mode == "tsnet":
             from lmlink.net.tsnet import TsnetConfig, TsnetNode, load_auth_key
 
@@ -117,6 +126,9 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
             hosts = await node.addresses()
             tls = server_tls(settings.state_dir, [settings.tsnet_hostname, *hosts])
             resolve = node.whois
+
+            async def refresh(identity: Identity) -> Identity | None:
+                return await node.whois(identity.addresses[0], 0)
         else:
             raise FrontDoorError(f"unknown listen mode {mode!r}")
     except (LocalAPIError, ListenError, TLSMaterialError) as exc:
@@ -161,6 +173,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
         http_tls_files=http_files,
         fingerprint=tls.fingerprint,
         public_hosts=list(hosts),
+        refresh=refresh,
+        owner_login=owner_login or "owner",
         _expose=expose,
         _closers=closers,
         _tmp=tmp,

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from lmlink.api.gate import Gate
 from lmlink.api.grpc_service import InferenceService, ServerFacts
 from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
+from lmlink.api.limits import Guard, open_guard
 from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
 from lmlink.engine.loader import LoadedModel, load_model
@@ -49,6 +50,7 @@ class ServeOptions:
     name: str = field(default_factory=socket.gethostname)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tailnet: TailnetSettings = field(default_factory=TailnetSettings)
+    audit_prompts: bool = False  # the owner opted in to prompt text in the audit trail
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
 
 
@@ -100,9 +102,19 @@ async def serve(
             door = await tailnet_door(options.listen, options.tailnet)
     except FrontDoorError as exc:
         raise ServeError(str(exc)) from None
+    from lmlink.access.store import StoreError
+
+    try:  # shares, tokens, quotas and the audit trail live in the state dir
+        guard = open_guard(options.tailnet.state_dir, door.gate.identify, gate=gate,
+                           refresh=door.refresh, owner_login=door.owner_login,
+                           audit_prompts=options.audit_prompts)
+    except StoreError as exc:
+        await door.aclose()
+        raise ServeError(str(exc)) from None
     try:
-        await _serve_behind(door, options, on_ready, on_progress, loaded, gate or door.gate)
+        await _serve_behind(door, options, on_ready, on_progress, loaded, guard.gate, guard)
     finally:
+        guard.close()
         await door.aclose()
 
 
@@ -113,16 +125,22 @@ async def _serve_behind(
     on_progress: Callable[[str], None] | None,
     loaded: LoadedModel | None,
     gate: Gate,
+    guard: Guard | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     registry = ModelRegistry()
     hub = StreamHub(loop)
     ready = asyncio.Event()
     facts = ServerFacts(name=options.name, listen_mode=options.listen, started_at=time.time())
-    service = InferenceService(registry, hub, gate, facts, ready.is_set)
+    service = InferenceService(registry, hub, gate, facts, ready.is_set, guard=guard)
 
     server = grpc.aio.server(options=grpc_channel_options())
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    if guard is not None and guard.access is not None:  # owner-only shares/tokens/usage
+        from lmlink.api.admin_service import AdminService
+        from lmlink.v1 import admin_pb2_grpc
+
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(guard), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -152,7 +170,8 @@ async def _serve_behind(
         except OSError as exc:
             raise ServeError(f"cannot listen on {host}:{http_bind_port}: {exc.strerror}") from None
         http = HttpListener(
-            HttpBridge(registry, hub, gate, ready.is_set).app(), http_socket, door.http_tls_files
+            HttpBridge(registry, hub, gate, ready.is_set, guard=guard).app(), http_socket,
+            door.http_tls_files,
         )
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -192,6 +211,8 @@ async def _serve_behind(
         engine.add_step_listener(hub.on_step)
         await asyncio.to_thread(engine.start)
         registry.add(engine, default=True)
+        if guard is not None:
+            guard.start()
         ready.set()
         for svc in ("", SERVICE_NAME):
             await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
@@ -209,3 +230,5 @@ async def _serve_behind(
         await health_servicer.enter_graceful_shutdown()
         await asyncio.gather(server.stop(grace=2.0), http.stop() if http else asyncio.sleep(0))
         await asyncio.to_thread(registry.stop_all)
+        if guard is not None:
+            await guard.aclose()

@@ -28,6 +28,7 @@ from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
 from .convert import event_to_wire, merge_deltas, request_from_wire
 from .gate import Gate
+from .limits import Caller, Guard, Lease, Refusal
 from .streams import StreamHub
 
 log = logging.getLogger("lmlink.api")
@@ -65,25 +66,37 @@ class InferenceService(pb_grpc.InferenceServicer):
         gate: Gate,
         facts: ServerFacts,
         is_ready: Callable[[], bool] = lambda: True,
+        guard: Guard | None = None,
     ) -> None:
         self._registry = registry
         self._hub = hub
         self._gate = gate
         self._facts = facts
         self._is_ready = is_ready
+        self._guard = guard  # quotas, fair admission, revocation, bearer tokens, audit
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+        return (await self._identified(context)).identity
+
+    async def _identified(self, context: grpc.aio.ServicerContext) -> Caller:
+        if self._guard is not None:
+            metadata = dict(context.invocation_metadata() or ())
+            try:
+                return await self._guard.identify(context.peer(), metadata.get("authorization"))
+            except Refusal as refusal:
+                await _abort(context, refusal)
         identity = self._gate.identify(context.peer())
         if identity is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "caller is not an authenticated peer"
             )
-        return identity  # type: ignore[return-value]
+        return Caller(identity)  # type: ignore[arg-type]
 
     async def _require(
         self, context: grpc.aio.ServicerContext, identity: Identity, action: str, model: str = ""
     ) -> None:
-        verdict = self._gate.check(identity, action, model)
+        gate = self._guard if self._guard is not None else self._gate
+        verdict = gate.check(identity, action, model)
         if not verdict.allowed:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, verdict.reason)
 
@@ -94,33 +107,62 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        identity = await self._caller(context)
+        caller = await self._identified(context)
+        identity = caller.identity
         await self._require_ready(context)
         try:
             engine = self._registry.resolve(request.model)
         except ModelNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        await self._require(context, identity, "generate", engine.model_id)
-        queue = self._hub.open()
+        lease: Lease | None = None
+        if self._guard is None:
+            await self._require(context, identity, "generate", engine.model_id)
         try:
             engine_request = request_from_wire(request, owner=identity.login_name)
-            request_id = engine.submit(engine_request, queue)
         except EngineError as exc:
+            await context.abort(status_for(exc), str(exc))
+        if self._guard is not None:  # grants + limits, then a fair wait for a batch slot
+            try:
+                lease = await self._guard.admit(caller, engine, engine_request, "grpc")
+            except Refusal as refusal:
+                await _abort(context, refusal)
+        queue = self._hub.open()
+        try:
+            request_id = engine.submit(lease.request if lease and lease.request else engine_request, queue)
+        except EngineError as exc:
+            if lease is not None:
+                lease.fail(str(exc))
             await context.abort(status_for(exc), str(exc))
         finished = False
         try:
+            if lease is not None:
+                lease.started(request_id)
             while not finished:
-                for event in merge_deltas(await queue.drain()):
+                events = merge_deltas(await queue.drain())
+                refusal = lease.observe(events) if lease is not None else None
+                if refusal is not None and refusal.kind != "resource_exhausted":
+                    await _abort(context, refusal)  # access gone: nothing more is sent
+                for event in events:
                     if isinstance(event, Failed):
                         finished = True
+                        if lease is not None:
+                            lease.fail(str(event.error))
                         await context.abort(status_for(event.error), str(event.error))
                     if isinstance(event, Completed):
+                        if refusal is not None:
+                            break
                         finished = True
+                        if lease is not None:
+                            lease.complete(event)
                         _log_completion(identity, engine.model_id, request_id, event)
                     yield event_to_wire(event, request_id)
+                if refusal is not None:  # quota used up mid-answer: this step's tokens, then stop
+                    await _abort(context, refusal)
         finally:
             if not finished:  # client went away or cancelled: free the batch slot now
                 engine.cancel(request_id)
+            if lease is not None:
+                lease.close()
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -185,6 +227,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         owner = None if identity.is_owner else identity.login_name
         cancelled = any(e.cancel(request.request_id, owner) for e in self._registry.engines())
         return pb.CancelResponse(cancelled=cancelled)
+
+
+async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
+    await context.abort(refusal.grpc_code, refusal.message,
+                        trailing_metadata=refusal.trailing_metadata())
 
 
 def _log_completion(identity: Identity, model: str, request_id: str, done: Completed) -> None:

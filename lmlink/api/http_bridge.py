@@ -51,6 +51,7 @@ from lmlink.engine.types import (
 from .conversations import ConversationStore
 from .convert import merge_deltas
 from .gate import Gate
+from .limits import Caller, Guard, Lease, Refusal
 from .openai_schema import (
     DONE,
     ApiError,
@@ -118,6 +119,8 @@ class _Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     finished: bool = False
     parts: list[str] = field(default_factory=list)
+    lease: Lease | None = None  # quotas, revocation and the audit row (when a Guard is used)
+    _stop: ApiError | None = None  # quota used up: raised after this step's tokens went out
 
     @property
     def model(self) -> str:
@@ -126,8 +129,11 @@ class _Generation:
     async def next(self, timeout: float | None = None) -> list[Event] | None:
         """This step's events (deltas merged); None if `timeout` passed with nothing new.
 
-        Raises ApiError if the engine failed the request.
+        Raises ApiError if the engine failed the request, or the Guard ended it.
         """
+        if self._stop is not None:
+            self.finished = True
+            raise self._stop
         if timeout is None:
             events = await self.queue.drain()
         else:
@@ -137,12 +143,23 @@ class _Generation:
             except TimeoutError:
                 return None
         merged = merge_deltas(events)
+        refusal = self.lease.observe(merged) if self.lease is not None else None
+        if refusal is not None:
+            if refusal.kind != "resource_exhausted":  # access gone: nothing more is sent
+                self.finished = True
+                raise refusal.api_error()
+            self._stop = refusal.api_error()  # quota: deliver this step, then stop
+            merged = [e for e in merged if not isinstance(e, Completed)]
         for event in merged:
             if isinstance(event, Failed):
                 self.finished = True
+                if self.lease is not None:
+                    self.lease.fail(str(event.error))
                 raise error_for(event.error)
             if isinstance(event, Completed):
                 self.finished = True
+                if self.lease is not None:
+                    self.lease.complete(event)
                 _log_completion(self, event)
         return merged
 
@@ -160,9 +177,11 @@ class _Generation:
         return "".join(self.parts)
 
     def close(self) -> None:
-        if not self.finished:  # client went away or timed out: free the batch slot now
+        if not self.finished or self._stop is not None:  # client gone, timed out, or cut
             self.finished = True
             self.engine.cancel(self.request_id)
+        if self.lease is not None:
+            self.lease.close()
 
 
 class _EventStream:
@@ -196,11 +215,13 @@ class HttpBridge:
         gate: Gate,
         is_ready: Callable[[], bool] = lambda: True,
         options: BridgeOptions | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self._registry = registry
         self._hub = hub
         self._gate = gate
         self._is_ready = is_ready
+        self._guard = guard  # quotas, fair admission, revocation, bearer tokens, audit
         self.options = options or BridgeOptions()
         self.conversations = ConversationStore(
             max_conversations=self.options.max_conversations,
@@ -227,7 +248,17 @@ class HttpBridge:
 
     # ----- access ---------------------------------------------------------------------------
 
-    def _caller(self, request: Request) -> Identity:
+    async def _caller(self, request: Request) -> Identity:
+        return (await self._identified(request)).identity
+
+    async def _identified(self, request: Request) -> Caller:
+        if self._guard is not None:
+            try:
+                return await self._guard.identify(
+                    peer_string(request.scope), request.headers.get("authorization")
+                )
+            except Refusal as refusal:
+                raise refusal.api_error() from None
         identity = self._gate.identify(peer_string(request.scope))
         if identity is None and self.options.bearer is not None:
             token = _bearer_token(request.headers.get("authorization", ""))
@@ -237,10 +268,11 @@ class HttpBridge:
                     raise ApiError(401, "the bearer token is unknown or revoked", code="invalid_api_key")
         if identity is None:
             raise ApiError(401, "caller is not an authenticated peer", code="unauthenticated")
-        return identity
+        return Caller(identity)
 
     def _require(self, identity: Identity, action: str, model: str = "") -> None:
-        verdict = self._gate.check(identity, action, model)
+        gate = self._guard if self._guard is not None else self._gate
+        verdict = gate.check(identity, action, model)
         if not verdict.allowed:
             raise ApiError(403, verdict.reason or f"not allowed to {action}", code="permission_denied")
 
@@ -263,20 +295,32 @@ class HttpBridge:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _start(self, identity: Identity, model: str, request: GenerationRequest) -> _Generation:
+    async def _start(self, caller: Caller, model: str, request: GenerationRequest) -> _Generation:
         """Resolve, authorize and submit: the same steps, in the same order, as gRPC Generate."""
+        identity = caller.identity
         self._require_ready()
         try:
             engine = self._registry.resolve(model)
         except ModelNotFound as exc:
             raise error_for(exc) from None
-        self._require(identity, "generate", engine.model_id)
+        lease: Lease | None = None
+        if self._guard is None:
+            self._require(identity, "generate", engine.model_id)
+        else:  # grants + limits, then a fair wait for a batch slot
+            try:
+                lease = await self._guard.admit(caller, engine, request, "http")
+            except Refusal as refusal:
+                raise refusal.api_error() from None
         queue = self._hub.open()
         try:
-            request_id = engine.submit(request, queue)
+            request_id = engine.submit(lease.request if lease and lease.request else request, queue)
         except EngineError as exc:
+            if lease is not None:
+                lease.fail(str(exc))
             raise error_for(exc) from None
-        return _Generation(engine, queue, request_id, identity)
+        if lease is not None:
+            lease.started(request_id)
+        return _Generation(engine, queue, request_id, identity, lease=lease)
 
     # ----- OpenAI endpoints -----------------------------------------------------------------
 
@@ -287,11 +331,12 @@ class HttpBridge:
         return await self._complete(request, parse_completion)
 
     async def _complete(self, request: Request, parse: Callable[..., CompletionCall]) -> Any:
-        identity = self._caller(request)
+        caller = await self._identified(request)
+        identity = caller.identity
         body = parse_json(await self._read_body(request))
         request_id = check_request_id(request.headers.get("x-request-id", ""))
         call = parse(body, request_id=request_id, owner=identity.login_name)
-        gen = self._start(identity, call.model, call.request)
+        gen = await self._start(caller, call.model, call.request)
         if call.stream:
             return _EventStream(self._streamer(gen, call), gen.request_id)
         try:
@@ -343,7 +388,7 @@ class HttpBridge:
         return write
 
     async def list_models(self, request: Request) -> Response:
-        identity = self._caller(request)
+        identity = await self._caller(request)
         self._require(identity, "list")
         data = [
             model_card(e.loaded.id, self._started, e.loaded.context_length)
@@ -353,7 +398,7 @@ class HttpBridge:
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
-        identity = self._caller(request)
+        identity = await self._caller(request)
         self._require(identity, "list")
         name = request.path_params["model"]
         try:
@@ -377,7 +422,8 @@ class HttpBridge:
             return _api_error_response(request, error)
 
     async def _ask(self, request: Request, plain: bool) -> Response:
-        identity = self._caller(request)
+        caller = await self._identified(request)
+        identity = caller.identity
         raw = await self._read_body(request)
         ask = parse_ask(raw, request.headers.get("content-type", ""), request.query_params)
         conversation = ask.conversation or self.conversations.new_id()
@@ -401,7 +447,7 @@ class HttpBridge:
                 owner=identity.login_name,
             )
             try:
-                gen = self._start(identity, ask.model, engine_request)
+                gen = await self._start(caller, ask.model, engine_request)
                 break
             except ApiError as error:
                 # Too long for the model's context: drop the oldest exchange and try again.

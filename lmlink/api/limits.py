@@ -1,0 +1,594 @@
+"""Live enforcement between the doors (gRPC, HTTP) and the engines: who, how much, in what order.
+
+`Guard` is the one object both doors use for a Generate call:
+
+1. `identify(peer, authorization)`: the transport identity (loopback owner, or the tailnet
+   peer the relay recorded), re-checked with WhoIs on every call; or, when the call carries
+   an lmlink bearer token (`lmk_...`), the identity the token is bound to.
+2. `admit(caller, engine, request, via)`: the grant check (tailnet grants united with local
+   shares), `max_streams` and the token quotas (RESOURCE_EXHAUSTED / HTTP 429 with the time
+   to retry), then a *fair* wait for a batch slot: each engine admits at most
+   `max_batch_size` streams, and when a slot frees it goes to the waiting caller holding the
+   fewest slots (oldest first among equals), so one caller flooding the server cannot starve
+   another: a newcomer gets the very next free slot.
+3. The returned `Lease` counts streamed tokens against the quotas (a stream that uses up its
+   budget ends with RESOURCE_EXHAUSTED), and is cut with PERMISSION_DENIED when a background
+   check finds its access gone: a share revoked or expired, a token revoked, a tailnet grant
+   removed (WhoIs re-asked every `tailnet_recheck` seconds). Every call ends as one audit row.
+
+The engines stay network- and identity-agnostic: the guard only calls `submit`/`cancel` via
+the doors and reads `config.max_batch_size`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Sequence
+
+import grpc
+
+from lmlink.access.audit import RequestRecord
+from lmlink.access.identity import Identity
+from lmlink.access.policy import UNLIMITED, Limits
+from lmlink.access.quotas import OverQuota
+from lmlink.access.state import AccessState, principal_of
+from lmlink.access.tokens import looks_like_token
+from lmlink.engine.types import Completed, Event, GenerationRequest, TokenDelta
+
+from .gate import Gate
+from .openai_schema import ApiError
+
+log = logging.getLogger("lmlink.access")
+
+_GRPC = {
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+_HTTP = {"unauthenticated": 401, "permission_denied": 403, "resource_exhausted": 429,
+         "unavailable": 503}
+
+
+class Refusal(Exception):
+    """Why a call may not (or no longer) proceed; maps to a gRPC status and an HTTP error."""
+
+    def __init__(self, kind: str, message: str, *, retry_after: float | None = None,
+                 code: str | None = None, outcome: str = "denied") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+        self.code = code or kind
+        self.outcome = outcome  # how the audit trail records it
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return _GRPC[self.kind]
+
+    def retry_seconds(self) -> int | None:
+        return None if self.retry_after is None else max(1, math.ceil(self.retry_after))
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        s = self.retry_seconds()
+        return (("retry-after", str(s)),) if s is not None else ()
+
+    def api_error(self) -> ApiError:
+        s = self.retry_seconds()
+        return ApiError(_HTTP[self.kind], self.message, code=self.code, retry_after=s,
+                        extra={"retry_after_seconds": round(self.retry_after, 3)}
+                        if self.retry_after is not None else None)
+
+
+@dataclass(frozen=True)
+class Caller:
+    identity: Identity
+    credential: str = ""  # the token id when a bearer token named the caller
+
+
+def bearer_token(header: str | None) -> str | None:
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 10 else f"{math.ceil(s)} s"
+
+
+# ----- fair admission ----------------------------------------------------------------------
+
+
+class _Slots:
+    """At most `capacity` running streams per engine; free slots go to the caller holding
+    the fewest (ties: the one waiting longest)."""
+
+    def __init__(self, capacity: int, max_waiting: int) -> None:
+        self.capacity = max(1, capacity)
+        self.max_waiting = max(0, max_waiting)
+        self.in_use = 0
+        self.running: dict[str, int] = {}
+        self.waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    def _take(self, principal: str) -> None:
+        self.in_use += 1
+        self.running[principal] = self.running.get(principal, 0) + 1
+
+    async def acquire(self, principal: str, on_wait: Callable[[asyncio.Future[None]], None]) -> None:
+        if self.in_use < self.capacity and not self.waiting:
+            self._take(principal)
+            return
+        if self.queued >= self.max_waiting:
+            raise Refusal("resource_exhausted",
+                          f"{self.queued} requests are already waiting for this model; retry shortly",
+                          retry_after=1.0, code="overloaded", outcome="rate_limited")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(principal, deque()).append(fut)
+        on_wait(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(principal)  # granted just as we were cancelled: give it back
+            else:
+                self._forget(principal, fut)
+            raise
+
+    def _forget(self, principal: str, fut: asyncio.Future[None]) -> None:
+        q = self.waiting.get(principal)
+        if q is not None:
+            with contextlib.suppress(ValueError):
+                q.remove(fut)
+            if not q:
+                del self.waiting[principal]
+
+    def reject(self, principal: str, fut: asyncio.Future[None], refusal: Refusal) -> None:
+        if not fut.done():
+            self._forget(principal, fut)
+            fut.set_exception(refusal)
+
+    def release(self, principal: str) -> None:
+        self.in_use -= 1
+        left = self.running.get(principal, 0) - 1
+        if left > 0:
+            self.running[principal] = left
+        else:
+            self.running.pop(principal, None)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.in_use < self.capacity and self.waiting:
+            # fewest running first; OrderedDict order (who has waited longest) breaks ties
+            principal = min(self.waiting, key=lambda p: self.running.get(p, 0))
+            q = self.waiting[principal]
+            fut = q.popleft()
+            if q:
+                self.waiting.move_to_end(principal)
+            else:
+                del self.waiting[principal]
+            if fut.done():
+                continue
+            self._take(principal)
+            fut.set_result(None)
+
+
+# ----- one call ----------------------------------------------------------------------------
+
+
+class Lease:
+    """One admitted (or waiting) Generate call: counts its tokens, can be cut, ends audited."""
+
+    def __init__(self, guard: Guard, caller: Caller, engine: Any, limits: Limits,
+                 rec: RequestRecord) -> None:
+        self.guard = guard
+        self.caller = caller
+        self.identity = caller.identity
+        self.engine = engine
+        self.model: str = engine.model_id
+        self.principal = rec.principal
+        self.limits = limits
+        self.rec = rec
+        self.refusal: Refusal | None = None
+        self.state = "waiting"  # -> running -> done
+        self._slots: _Slots | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._request_id = ""
+        self.request: GenerationRequest | None = None  # what to submit (max_tokens within budget)
+
+    # the doors call these ----------------------------------------------------------------
+
+    def started(self, request_id: str) -> None:
+        self._request_id = request_id
+        self.rec.request_id = request_id
+        if self.refusal is not None:  # cut between admission and submission
+            self.engine.cancel(request_id)
+
+    def observe(self, events: Sequence[Event]) -> Refusal | None:
+        """Count this step's tokens; the refusal that ends the stream, if any."""
+        if self.state == "done":
+            return self.refusal
+        n = sum(len(e.token_ids) for e in events if isinstance(e, TokenDelta))
+        if n:
+            self.guard._count(self, n)
+        if self.refusal is None and not self.identity.is_owner and not any(
+            isinstance(e, Completed) for e in events
+        ):
+            over = self.guard.access.meter.over(
+                self.principal, self.model, self.limits, self.guard.clock()
+            ) if self.guard.access else None
+            if over is not None:
+                self.cut(self.guard._quota_refusal(self.principal, self.model, over, mid=True))
+        return self.refusal
+
+    def complete(self, done: Completed) -> None:
+        rec = self.rec
+        missing = done.completion_tokens - rec.completion_tokens
+        if missing > 0:
+            self.guard._count(self, missing)
+        rec.prompt_tokens, rec.cached_tokens = done.prompt_tokens, done.cached_tokens
+        if self.refusal is not None:
+            self._end(self.refusal.outcome, self.refusal.message)
+        elif done.finish_reason == "cancelled":
+            self._end("cancelled", "cancelled by the caller")
+        else:
+            self._end("completed", done.finish_reason)
+
+    def fail(self, reason: str) -> None:
+        self._end("failed", reason)
+
+    def close(self) -> None:
+        """End of the call however it went (idempotent): a stream not completed was cancelled."""
+        if self.state != "done":
+            if self.refusal is not None:
+                self._end(self.refusal.outcome, self.refusal.message)
+            else:
+                self._end("cancelled", "the caller went away")
+
+    # the guard calls these ---------------------------------------------------------------
+
+    def cut(self, refusal: Refusal) -> None:
+        """End this call now with `refusal` (waiting: rejected; running: engine cancel)."""
+        if self.refusal is not None or self.state == "done":
+            return
+        self.refusal = refusal
+        if self.state == "waiting" and self._slots is not None and self._waiter is not None:
+            self._slots.reject(self.principal, self._waiter, refusal)
+        elif self.state == "running" and self._request_id:
+            self.engine.cancel(self._request_id)
+        log.info("cut %s on %s: %s", self.identity.label, self.model, refusal.message)
+
+    def _end(self, outcome: str, reason: str) -> None:
+        if self.state == "done":
+            return
+        running = self.state == "running"
+        self.state = "done"
+        self.rec.outcome, self.rec.reason = outcome, reason
+        self.rec.ended_at = self.guard.clock()
+        self.guard._finish(self, release=running)
+
+
+# ----- the guard ---------------------------------------------------------------------------
+
+
+class Guard:
+    def __init__(
+        self,
+        gate: Gate,
+        access: AccessState | None,
+        *,
+        tick: float = 0.25,
+        tailnet_recheck: float = 2.0,
+        flush_every: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.gate = gate
+        self.access = access
+        self.tick = tick
+        self.tailnet_recheck = tailnet_recheck
+        self.flush_every = flush_every
+        self.clock = clock
+        self._slots: dict[int, _Slots] = {}
+        self._leases: set[Lease] = set()
+        self._open: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._touched: dict[str, float] = {}
+
+    # ----- who -----------------------------------------------------------------------------
+
+    async def identify(self, peer: str, authorization: str | None) -> Caller:
+        """The caller of one call, or Refusal(unauthenticated / permission_denied)."""
+        token = bearer_token(authorization)
+        identity = self.gate.identify(peer)
+        if token is not None and self.access is not None and (
+            identity is None or looks_like_token(token)
+        ):
+            self.access.poll()
+            info = self.access.tokens.verify(token)
+            if info is None:
+                raise Refusal("unauthenticated", "the bearer token is unknown or revoked",
+                              code="invalid_api_key")
+            now = self.clock()
+            if now - self._touched.get(info.id, 0.0) > 60:
+                self._touched[info.id] = now
+                with contextlib.suppress(Exception):
+                    self.access.tokens.touch(info.id, now)
+            return Caller(info.identity(self.access.owner_login), info.id)
+        if identity is None:
+            raise Refusal("unauthenticated",
+                          "caller is not an authenticated peer (send Authorization: Bearer "
+                          "<token> from `lmlink token create`)", code="unauthenticated")
+        refresh = getattr(self.gate, "refresh", None)
+        if refresh is not None and identity.source == "tailnet":
+            fresh = await refresh(identity)
+            if fresh is None:
+                raise Refusal("permission_denied",
+                              f"{identity.label} is no longer a peer of this tailnet")
+            identity = fresh
+        return Caller(identity)
+
+    def check(self, identity: Identity, action: str, model: str = "") -> Any:
+        if self.access is not None:
+            self.access.poll()
+        return self.gate.check(identity, action, model)
+
+    # ----- admission -----------------------------------------------------------------------
+
+    async def admit(self, caller: Caller, engine: Any, request: GenerationRequest, via: str) -> Lease:
+        identity = caller.identity
+        model = engine.model_id
+        rec = RequestRecord(
+            request_id=request.request_id, login=identity.login_name,
+            principal=principal_of(identity), source=identity.source,
+            node=identity.node_name, via=via, model=model, started_at=self.clock(),
+            credential=caller.credential,
+            prompt=_prompt_text(request) if self.access and self.access.audit_prompts else None,
+            server=self.access.server_id if self.access else "",
+        )
+        verdict = self.check(identity, "generate", model)
+        if not verdict.allowed:  # (the reason names the caller)
+            self._refuse(rec, Refusal("permission_denied", verdict.reason
+                                      or f"{identity.label} may not generate with {model}"))
+        limits = UNLIMITED if identity.is_owner else getattr(verdict, "limits", UNLIMITED)
+        principal = rec.principal
+        if limits.max_streams is not None and self._open.get(principal, 0) >= limits.max_streams:
+            self._refuse(rec, Refusal(
+                "resource_exhausted",
+                f"{principal} already has {self._open.get(principal, 0)} streams open "
+                f"(limit {limits.max_streams}); retry when one finishes",
+                retry_after=1.0, code="too_many_streams", outcome="rate_limited"))
+        if self.access is not None and not identity.is_owner:
+            over = self.access.meter.over(principal, model, limits, self.clock())
+            if over is not None:
+                self._refuse(rec, self._quota_refusal(principal, model, over, mid=False))
+            left = self.access.meter.remaining(principal, model, limits, self.clock())
+            request = _within_budget(request, left, engine)
+        lease = Lease(self, caller, engine, limits, rec)
+        lease.request = request
+        self._leases.add(lease)
+        self._open[principal] = self._open.get(principal, 0) + 1
+        slots = self._slots_for(engine)
+        lease._slots = slots
+
+        def waiting(fut: asyncio.Future[None]) -> None:
+            lease._waiter = fut
+
+        try:
+            await slots.acquire(principal, waiting)
+        except Refusal as refusal:
+            lease.refusal = lease.refusal or refusal
+            lease.state = "done"
+            rec.outcome, rec.reason, rec.ended_at = lease.refusal.outcome, lease.refusal.message, self.clock()
+            self._finish(lease, release=False)
+            raise lease.refusal from None
+        except BaseException:
+            lease.state = "done"
+            rec.outcome, rec.reason, rec.ended_at = "cancelled", "the caller went away while waiting", self.clock()
+            self._finish(lease, release=False)
+            raise
+        lease.state = "running"
+        if self.access is not None:
+            try:
+                self.access.audit.begin(rec)
+            except Exception as exc:  # cannot account for it: give the slot back, refuse
+                log.exception("cannot record request %s", rec.request_id)
+                lease.cut(Refusal("unavailable", f"the server cannot record usage now ({exc})",
+                                  retry_after=5.0, code="unavailable", outcome="failed"))
+                lease.close()
+                raise lease.refusal from None  # type: ignore[misc]
+        return lease
+
+    def _slots_for(self, engine: Any) -> _Slots:
+        slots = self._slots.get(id(engine))
+        if slots is None:
+            config = getattr(engine, "config", None)
+            slots = _Slots(getattr(config, "max_batch_size", 32), getattr(config, "max_queue", 1024))
+            self._slots[id(engine)] = slots
+        return slots
+
+    def _refuse(self, rec: RequestRecord, refusal: Refusal) -> None:
+        rec.outcome, rec.reason, rec.ended_at = refusal.outcome, refusal.message, self.clock()
+        if self.access is not None:
+            self.access.audit.finish(rec)
+        raise refusal
+
+    def _quota_refusal(self, principal: str, model: str, over: OverQuota, *, mid: bool) -> Refusal:
+        when = "during this answer" if mid else "already"
+        return Refusal(
+            "resource_exhausted",
+            f"{principal} used {over.used} of {over.limit} tokens per {over.window} on "
+            f"{model} {when}; retry in {_seconds(over.retry_after)}",
+            retry_after=over.retry_after, code="quota_exceeded",
+            outcome="quota_exceeded" if mid else "rate_limited",
+        )
+
+    def _count(self, lease: Lease, n: int) -> None:
+        rec = lease.rec
+        rec.completion_tokens += n
+        if self.access is None:
+            return
+        for key in self.access.meter.add(lease.principal, lease.model, n, self.clock()):
+            rec.pending[key] += n
+        rec.dirty = True
+
+    def _finish(self, lease: Lease, *, release: bool) -> None:
+        self._leases.discard(lease)
+        left = self._open.get(lease.principal, 0) - 1
+        if left > 0:
+            self._open[lease.principal] = left
+        else:
+            self._open.pop(lease.principal, None)
+        if release and lease._slots is not None:
+            lease._slots.release(lease.principal)
+        if self.access is not None:
+            try:
+                self.access.audit.finish(lease.rec)
+            except Exception:  # never let bookkeeping break the caller's stream
+                log.exception("could not write the audit record of %s", lease.rec.request_id)
+
+    # ----- live checks ---------------------------------------------------------------------
+
+    def revalidate(self, leases: Iterable[Lease] | None = None) -> int:
+        """Cut every lease whose access is gone; update the limits of the others."""
+        cut = 0
+        for lease in list(leases if leases is not None else self._leases):
+            if lease.refusal is not None or lease.state == "done":
+                continue
+            cred = lease.caller.credential
+            if cred and self.access is not None and not self.access.tokens.is_active(cred):
+                lease.cut(Refusal("permission_denied", "access revoked: the bearer token was revoked",
+                                  outcome="revoked"))
+                cut += 1
+                continue
+            verdict = self.gate.check(lease.identity, "generate", lease.model)
+            if not verdict.allowed:
+                lease.cut(Refusal("permission_denied", f"access revoked: {verdict.reason}",
+                                  outcome="revoked"))
+                cut += 1
+            elif not lease.identity.is_owner:
+                lease.limits = getattr(verdict, "limits", UNLIMITED)
+        return cut
+
+    async def refresh_tailnet(self) -> None:
+        """Ask the tailnet again who the callers of running streams are (grants may change)."""
+        refresh = getattr(self.gate, "refresh", None)
+        if refresh is None:
+            return
+        by_node: dict[tuple[str, ...], list[Lease]] = {}
+        for lease in self._leases:
+            if lease.identity.source == "tailnet" and lease.identity.addresses and lease.state != "done":
+                by_node.setdefault(lease.identity.addresses, []).append(lease)
+        for leases in by_node.values():
+            fresh = await refresh(leases[0].identity)
+            for lease in leases:
+                if fresh is None:
+                    lease.cut(Refusal("permission_denied",
+                                      f"access revoked: {lease.identity.label} left the tailnet",
+                                      outcome="revoked"))
+                else:
+                    lease.identity = fresh
+
+    def flush(self) -> None:
+        if self.access is not None:
+            self.access.audit.flush([lease.rec for lease in self._leases])
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "open": dict(self._open),
+            "slots": {k: {"in_use": s.in_use, "queued": s.queued, "capacity": s.capacity}
+                      for k, s in self._slots.items()},
+        }
+
+    async def run(self) -> None:
+        """Background checks: store changes and expiry every tick, WhoIs every few seconds."""
+        last_refresh = last_flush = last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                if self.access is not None:
+                    self.access.poll()
+                now = time.monotonic()
+                if now - last_refresh >= self.tailnet_recheck:
+                    last_refresh = now
+                    await self.refresh_tailnet()
+                self.revalidate()
+                if now - last_flush >= self.flush_every:
+                    last_flush = now
+                    self.flush()
+                if self.access is not None and now - last_prune >= 300:
+                    last_prune = now
+                    self.access.prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("access check failed; retrying")
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self.run())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            self.flush()
+
+    def close(self) -> None:
+        """Close the access state (after `aclose()` and after the streams ended)."""
+        if self.access is not None:
+            with contextlib.suppress(Exception):
+                self.flush()
+            self.access.close()
+
+
+def _within_budget(request: GenerationRequest, left: int | None, engine: Any) -> GenerationRequest:
+    """Ask for no more tokens than the quota has left, so the answer ends ("length") at the
+    budget instead of being cut with an error."""
+    if left is None:
+        return request
+    wanted = request.sampling.max_tokens
+    if wanted is None:
+        wanted = getattr(getattr(engine, "config", None), "default_max_tokens", None)
+    if wanted is not None and wanted <= left:
+        return request
+    return replace(request, sampling=replace(request.sampling, max_tokens=max(1, left)))
+
+
+def _prompt_text(request: GenerationRequest) -> str:
+    if request.messages is not None:
+        return json.dumps([{"role": m.role, "content": m.content} for m in request.messages])
+    return request.prompt or ""
+
+
+def open_guard(
+    state_dir: Any,
+    identify: Callable[[str], Identity | None],
+    *,
+    gate: Gate | None = None,
+    refresh: Callable[[Identity], Any] | None = None,
+    owner_login: str = "local",
+    audit_prompts: bool = False,
+) -> Guard:
+    """The server's guard: access state from `state_dir`, and (unless a gate is given) a
+    policy gate uniting tailnet grants with the local shares. Raises StoreError."""
+    from lmlink.access.gate import PolicyGate
+
+    access = AccessState.open(state_dir, owner_login=owner_login or "owner",
+                              audit_prompts=audit_prompts)
+    if gate is None:
+        gate = PolicyGate(identify, access.policy, refresh=refresh)
+    return Guard(gate, access)
