@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="completion length when a request does not set max_tokens (default: 512)",
     )
+    serve.add_argument(
+        "--audit-prompts",
+        action="store_true",
+        help="also record prompt text in the audit trail (off: who, model, tokens, outcome only)",
+    )
     serve.add_argument("--name", default=None, help="server name shown to clients (default: hostname)")
     serve.add_argument(
         "--no-mdns",
@@ -232,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--state-dir", default=None, help="the server's state dir")
     enroll.add_argument("--out", default=".", help="directory for DEVICE.pem and DEVICE.key")
     enroll.add_argument("--days", type=_positive_int, default=365, help="validity in days")
+    from lmlink.cli_access import add_parsers as add_access_parsers
+
+    add_access_parsers(sub)  # share, token, usage
     return parser
 
 
@@ -296,6 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tsnet_control_url=args.tsnet_control_url,
         ),
     )
+    options.audit_prompts = args.audit_prompts
     if args.name:
         options.name = args.name
     options.mdns = not args.no_mdns
@@ -573,7 +582,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "discover": cmd_discover,
     "enroll": cmd_enroll,
+    "share": lambda args: _access(args),
+    "token": lambda args: _access(args),
+    "usage": lambda args: _access(args),
 }
+
+
+def _access(args: argparse.Namespace) -> int:
+    from lmlink.cli_access import dispatch
+
+    return dispatch(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
