@@ -145,8 +145,8 @@ def run(books: Books, command: str, args: dict[str, Any], *, actor: str = "owner
     if command == "token.list":
         return {"tokens": [t.to_json() for t in books.tokens.list(include_revoked=bool(args.get("all")))]}
     if command == "token.revoke":
-        revoked = books.tokens.revoke(_str(args, "selector", required=True) or "", by=actor)
-        return {"revoked": [t.to_json() for t in revoked]}
+        gone = books.tokens.revoke(_str(args, "selector", required=True) or "", by=actor)
+        return {"revoked": [t.to_json() for t in gone]}
     if command == "usage":
         by = _str(args, "by") or "user"
         if by not in ("user", "model"):

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, List, Sequence
 
 from lmlink.access.policy import ACTIONS, DEFAULT_ACTIONS
 from lmlink.access.store import Store
@@ -317,20 +317,20 @@ class ShareBook(Mapping[str, Sequence[dict[str, Any]]]):
             raise NotFound(f"no share #{share_id}")
         return _share(rows[0])
 
-    def list(self, *, include_inactive: bool = False) -> list[Share]:
+    def list(self, *, include_inactive: bool = False) -> List[Share]:
         rows = self.store.query("SELECT * FROM shares ORDER BY id")
         now = self.clock()
         shares = [_share(r) for r in rows]
         return shares if include_inactive else [s for s in shares if s.active(now)]
 
-    def revoke(self, selector: str, *, models: Sequence[str] = (), by: str = "owner") -> list[Share]:
+    def revoke(self, selector: str, *, models: Sequence[str] = (), by: str = "owner") -> List[Share]:
         """Revoke share #ID (`3` or `#3`), or every active share of a principal
         (optionally only those naming one of `models`). Raises if nothing matches."""
         sel = (selector or "").strip()
         now = self.clock()
+        params: List[Any]
         if re.fullmatch(r"#?\d+", sel):
-            share_id = int(sel.lstrip("#"))
-            where, params = "id = ?", [share_id]
+            where, params = "id = ?", [int(sel.lstrip("#"))]
         else:
             principal_kind(sel)
             where, params = "principal = ?", [sel]

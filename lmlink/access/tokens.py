@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 from lmlink.access.identity import Identity
 from lmlink.access.shares import NotFound, ShareError, _audit_admin, check_login, iso
@@ -140,11 +140,11 @@ class TokenBook:
         rows = self.store.query("SELECT * FROM tokens WHERE id = ?", (token_id,))
         return _info(rows[0])
 
-    def list(self, *, include_revoked: bool = False) -> list[TokenInfo]:
+    def list(self, *, include_revoked: bool = False) -> List[TokenInfo]:
         sql = "SELECT * FROM tokens" + ("" if include_revoked else " WHERE revoked_at IS NULL")
         return [_info(r) for r in self.store.query(sql + " ORDER BY created_at, id")]
 
-    def revoke(self, selector: str, *, by: str = "owner") -> list[TokenInfo]:
+    def revoke(self, selector: str, *, by: str = "owner") -> List[TokenInfo]:
         """Revoke by id (`tk_...`) or name; raises ShareError if no active token matches."""
         sel = (selector or "").strip()
         if not sel:

@@ -41,6 +41,7 @@ class AdminService(pb_grpc.AdminServicer):
         access = self._guard.access
         if access is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this server keeps no access state")
+        assert access is not None
         if request.command not in COMMANDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"unknown admin command {request.command!r}")

@@ -124,11 +124,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         if self._guard is not None:  # grants + limits, then a fair wait for a batch slot
             try:
                 lease = await self._guard.admit(caller, engine, engine_request, "grpc")
-            except Refusal as refusal:
-                await _abort(context, refusal)
+            except Refusal as refused:
+                await _abort(context, refused)
+            if lease is not None and lease.request is not None:
+                engine_request = lease.request  # max_tokens within the quota left
         queue = self._hub.open()
         try:
-            request_id = engine.submit(lease.request if lease and lease.request else engine_request, queue)
+            request_id = engine.submit(engine_request, queue)
         except EngineError as exc:
             if lease is not None:
                 lease.fail(str(exc))

@@ -311,9 +311,11 @@ class HttpBridge:
                 lease = await self._guard.admit(caller, engine, request, "http")
             except Refusal as refusal:
                 raise refusal.api_error() from None
+            if lease.request is not None:
+                request = lease.request  # max_tokens within the quota left
         queue = self._hub.open()
         try:
-            request_id = engine.submit(lease.request if lease and lease.request else request, queue)
+            request_id = engine.submit(request, queue)
         except EngineError as exc:
             if lease is not None:
                 lease.fail(str(exc))

@@ -589,6 +589,7 @@ def open_guard(
 
     access = AccessState.open(state_dir, owner_login=owner_login or "owner",
                               audit_prompts=audit_prompts)
-    if gate is None:
-        gate = PolicyGate(identify, access.policy, refresh=refresh)
-    return Guard(gate, access)
+    if gate is not None:
+        return Guard(gate, access)
+    policy_gate: Any = PolicyGate(identify, access.policy, refresh=refresh)  # Decision ~ Verdict
+    return Guard(policy_gate, access)
