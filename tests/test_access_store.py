@@ -327,3 +327,12 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     cols = [r[1] for r in state.store.query("PRAGMA table_info(requests)")]
     assert "server" in cols
     state.close()
+
+
+def test_locks_of_dead_runs_are_swept(tmp_path):
+    (tmp_path / "servers").mkdir(parents=True)
+    (tmp_path / "servers" / "deadbeef.lock").write_text("")
+    state = AccessState.open(tmp_path)
+    assert [p.stem for p in (tmp_path / "servers").iterdir()] == [state.server_id]
+    state.close()
+    assert list((tmp_path / "servers").iterdir()) == []

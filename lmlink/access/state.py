@@ -111,6 +111,8 @@ class AccessState:
         path.parent.mkdir(mode=0o700, exist_ok=True)
         self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        for other in path.parent.glob("*.lock"):  # sweep the locks of runs that died
+            self._server_alive(other.stem)
 
     def _server_alive(self, server_id: str) -> bool:
         if server_id == self.server_id:

@@ -12,7 +12,9 @@ or one JSON answer), GET /v1/models[/{id}], POST /v1/shortcuts/ask, GET /health.
 Identity comes from the listener (the transport peer, mapped by the Gate exactly as for
 gRPC). A `BearerVerifier` can be plugged in for callers the listener cannot identify; it is
 consulted only then, so a tool sending a placeholder API key over an identified connection
-keeps working.
+keeps working. A server built by `lmlink serve` passes a `limits.Guard` instead, which does the
+same for lmlink's own bearer tokens (`lmk_...`, which name their holder on any connection) and
+adds quotas, fair admission, revocation of running streams and the audit trail.
 """
 
 from __future__ import annotations
