@@ -336,3 +336,19 @@ def test_locks_of_dead_runs_are_swept(tmp_path):
     assert [p.stem for p in (tmp_path / "servers").iterdir()] == [state.server_id]
     state.close()
     assert list((tmp_path / "servers").iterdir()) == []
+
+
+async def test_prompt_text_is_audited_only_when_the_owner_opted_in(tmp_path):
+    from lmlink.engine.types import ChatTurn
+
+    req = GenerationRequest("p", messages=(ChatTurn("user", "secret plans"),))
+    for opted_in in (False, True):
+        state = AccessState.open(tmp_path / str(opted_in), audit_prompts=opted_in)
+        guard = Guard(FakeGate(state), state)
+        lease = await guard.admit(Caller(who(owner=True)), FakeEngine(), req, "grpc")
+        lease.started("p")
+        lease.complete(Completed("stop", 3, 0, 0, 1, 1, 1, 1, 0))
+        text = (tmp_path / str(opted_in) / AUDIT_FILE).read_text()
+        assert ("secret plans" in text) is opted_in
+        assert ("secret plans" in str(state.store.query("SELECT prompt FROM requests")[0][0])) is opted_in
+        state.close()
