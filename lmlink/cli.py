@@ -49,7 +49,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -381,7 +380,6 @@ def _resolve_server(args: argparse.Namespace) -> tuple[str, str | None]:
         file=sys.stderr,
     )
     return ep.target, ep.advertised_fingerprint or None
-
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,11 @@ from typing import Iterator
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Servers started by tests keep their state (CA, shares, audit log) in a throwaway dir and
+# clients their pins and config, never in the user's real ones.
+_SCRATCH = tempfile.mkdtemp(prefix="lmlink-tests-")
+os.environ.setdefault("LMLINK_STATE_DIR", os.path.join(_SCRATCH, "state"))
+os.environ.setdefault("LMLINK_CONFIG_DIR", os.path.join(_SCRATCH, "config"))
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODEL = os.environ.get("LMLINK_TEST_MODEL", "builtin")
 

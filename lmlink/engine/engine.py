@@ -206,7 +206,8 @@ class Engine:
             max_tokens=cfg.default_max_tokens,
             stop_tokens=[[t] for t in self._eos],
             completion_batch_size=cfg.max_batch_size,
-            prefill_batch_size=cfg.prefill_batch_size,
+            # BatchGenerator decodes up to max(completion, prefill) at once; keep it to max_batch.
+            prefill_batch_size=min(cfg.prefill_batch_size, cfg.max_batch_size),
             prefill_step_size=cfg.prefill_step_size,
         )
 
@@ -220,7 +221,9 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         break
-                    room = self.config.max_batch_size + self.config.prefill_batch_size
+                    room = self.config.max_batch_size + min(
+                        self.config.prefill_batch_size, self.config.max_batch_size
+                    )
                     room -= len(self._by_uid)
                     admit = [self._incoming.popleft() for _ in range(min(room, len(self._incoming)))]
                     cancels, self._cancels = self._cancels, set()
