@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch", type=_positive_int, default=32, help="concurrent streams decoded together"
     )
     serve.add_argument(
+        "--stream-pace-ms",
+        type=float,
+        default=10.0,
+        help="after sending text, hold a stream's next text this long so tokens arriving "
+        "meanwhile share one message (0 = a message per engine step; default: 10)",
+    )
+    serve.add_argument(
         "--max-queue", type=_positive_int, default=1024, help="requests allowed to wait for a slot"
     )
     serve.add_argument(
@@ -282,6 +289,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.max_batch < 1:
         raise CliError("--max-batch must be at least 1")
+    if not 0 <= args.stream_pace_ms <= 1000:
+        raise CliError("--stream-pace-ms must be between 0 and 1000")
     console = Console(stderr=True)
     options = ServeOptions(
         model=args.model,
@@ -294,6 +303,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             default_max_tokens=max(1, args.default_max_tokens),
         ),
+        stream_pace_ms=args.stream_pace_ms,
         tailnet=TailnetSettings(
             state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
             localapi_socket=args.localapi_socket,

@@ -49,6 +49,8 @@ class ServeOptions:
     http_port: int | None = DEFAULT_HTTP_PORT  # None: no HTTP bridge
     name: str = field(default_factory=socket.gethostname)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Hold a stream's next text this long after its last, so tokens leave in fewer messages.
+    stream_pace_ms: float = 10.0
     tailnet: TailnetSettings = field(default_factory=TailnetSettings)
     audit_prompts: bool = False  # the owner opted in to prompt text in the audit trail
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
@@ -129,7 +131,7 @@ async def _serve_behind(
 ) -> None:
     loop = asyncio.get_running_loop()
     registry = ModelRegistry()
-    hub = StreamHub(loop)
+    hub = StreamHub(loop, pace=options.stream_pace_ms / 1000)
     ready = asyncio.Event()
     facts = ServerFacts(name=options.name, listen_mode=options.listen, started_at=time.time())
     service = InferenceService(registry, hub, gate, facts, ready.is_set, guard=guard)
