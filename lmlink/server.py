@@ -54,6 +54,7 @@ class ServeOptions:
     tailnet: TailnetSettings = field(default_factory=TailnetSettings)
     audit_prompts: bool = False  # the owner opted in to prompt text in the audit trail
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
+    idle_ttl: float = 0.0  # unload models idle this many seconds (0: never)
 
 
 @dataclass
@@ -212,7 +213,9 @@ async def _serve_behind(
         engine = Engine(loaded, options.engine)
         engine.add_step_listener(hub.on_step)
         await asyncio.to_thread(engine.start)
-        registry.add(engine, default=True)
+        registry.add(engine, default=True, spec=options.model)
+        _enable_model_management(registry, options, hub)
+        sweeper = asyncio.ensure_future(service.sweep_idle())
         if guard is not None:
             guard.start()
         ready.set()
@@ -231,6 +234,23 @@ async def _serve_behind(
             await advertiser.aclose()
         await health_servicer.enter_graceful_shutdown()
         await asyncio.gather(server.stop(grace=2.0), http.stop() if http else asyncio.sleep(0))
+        if "sweeper" in locals():
+            sweeper.cancel()
         await asyncio.to_thread(registry.stop_all)
         if guard is not None:
             await guard.aclose()
+
+
+def _enable_model_management(registry: ModelRegistry, options: ServeOptions, hub: StreamHub) -> None:
+    """LoadModel/UnloadModel: how to start an engine for a newly loaded model, idle TTL."""
+    from lmlink.engine.loader import BUILTIN_MODEL_ID
+
+    def start_engine(loaded: LoadedModel) -> Engine:
+        engine = Engine(loaded, options.engine)
+        engine.add_step_listener(hub.on_step)
+        engine.start()
+        return engine
+
+    registry.engine_factory = start_engine
+    registry.default_idle_ttl = options.idle_ttl
+    registry.remember(BUILTIN_MODEL_ID, "builtin", ("builtin",))

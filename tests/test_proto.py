@@ -29,5 +29,6 @@ def test_service_surface():
 
     service = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Generate", "ListModels", "GetServerInfo", "Cancel"}
+    assert set(methods) == {"Generate", "ListModels", "GetServerInfo", "Cancel", "LoadModel", "UnloadModel"}
+    assert methods["LoadModel"].server_streaming and not methods["UnloadModel"].server_streaming
     assert methods["Generate"].server_streaming

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import platform
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -74,6 +75,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._facts = facts
         self._is_ready = is_ready
         self._guard = guard  # quotas, fair admission, revocation, bearer tokens, audit
+        self._running: dict[str, set[str]] = {}  # model id -> gRPC request ids (for unload)
+        self._loads: set[asyncio.Task[None]] = set()
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
         return (await self._identified(context)).identity
@@ -136,6 +139,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                 lease.fail(str(exc))
             await context.abort(status_for(exc), str(exc))
         finished = False
+        running = self._running.setdefault(engine.model_id, set())
+        running.add(request_id)
         try:
             if lease is not None:
                 lease.started(request_id)
@@ -161,6 +166,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if refusal is not None:  # quota used up mid-answer: this step's tokens, then stop
                     await _abort(context, refusal)
         finally:
+            running.discard(request_id)
             if not finished:  # client went away or cancelled: free the batch slot now
                 engine.cancel(request_id)
             if lease is not None:
@@ -173,16 +179,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         await self._require(context, identity, "list")
         default = self._registry.default_id
         models = [
-            pb.Model(
-                id=e.loaded.id,
-                aliases=list(e.loaded.aliases),
-                state="loaded",
-                context_length=e.loaded.context_length,
-                memory_bytes=e.loaded.memory_bytes,
-                is_default=e.loaded.id == default,
-            )
-            for e in self._registry.engines()
-            if self._gate.check(identity, "generate", e.loaded.id).allowed
+            _model_wire(e, default)
+            for e in self._registry.entries()
+            if e.state != "unloading" and self._gate.check(identity, "generate", e.id).allowed
         ]
         return pb.ListModelsResponse(models=models)
 
@@ -229,6 +228,126 @@ class InferenceService(pb_grpc.InferenceServicer):
         owner = None if identity.is_owner else identity.login_name
         cancelled = any(e.cancel(request.request_id, owner) for e in self._registry.engines())
         return pb.CancelResponse(cancelled=cancelled)
+
+
+    # ----- model management (owner only) --------------------------------------------------------
+
+    async def _require_owner(self, context: grpc.aio.ServicerContext, what: str) -> Identity:
+        identity = await self._caller(context)
+        if not identity.is_owner:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{identity.label} is not the owner of this server; only the owner may {what}",
+            )
+        return identity
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadModelEvent]:
+        identity = await self._require_owner(context, "load models")
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name the model to load")
+        if request.idle_ttl_seconds < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "idle_ttl_seconds must be >= 0")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[pb.LoadModelEvent | BaseException | None] = asyncio.Queue()
+
+        def progress(stage: str, message: str, fraction: float, need: int, have: int) -> None:
+            event = pb.LoadModelEvent(progress=pb.LoadProgress(
+                stage=stage, message=message, fraction=fraction,
+                estimated_bytes=need, available_bytes=have))
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def work() -> None:
+            try:
+                entry = self._registry.load(
+                    request.model, progress=progress, make_default=request.make_default,
+                    idle_ttl=request.idle_ttl_seconds,
+                )
+                done: Any = pb.LoadModelEvent(loaded=_model_wire(entry, self._registry.default_id))
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+                done = exc
+            loop.call_soon_threadsafe(events.put_nowait, done)
+            loop.call_soon_threadsafe(events.put_nowait, None)
+
+        task = asyncio.ensure_future(asyncio.to_thread(work))  # a load runs to its end
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+        log.info("load of %s requested by %s", request.model, identity.label)
+        while (item := await events.get()) is not None:
+            if isinstance(item, BaseException):
+                code, message = _load_error(item)
+                await context.abort(code, message)
+            yield item
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        identity = await self._require_owner(context, "unload models")
+        if request.drain_timeout_seconds < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "drain_timeout_seconds must be >= 0")
+        try:
+            entry = self._registry.begin_unload(request.model)
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        log.info("unload of %s requested by %s", entry.id, identity.label)
+        drained, cancelled = await self._drain(
+            entry, 0.0 if request.cancel_streams else (request.drain_timeout_seconds or 30.0)
+        )
+        freed = await asyncio.to_thread(self._registry.finish_unload, entry)
+        return pb.UnloadModelResponse(model=entry.id, cancelled_streams=cancelled,
+                                      drained_streams=drained, freed_bytes=freed)
+
+    async def _drain(self, entry: Any, timeout: float) -> tuple[int, int]:
+        """Wait up to `timeout` for the model's streams, then cancel the rest."""
+        engine = entry.engine
+        before = entry.active_streams
+        deadline = time.monotonic() + timeout
+        while entry.active_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = entry.active_streams
+        if left:
+            for request_id in list(self._running.get(entry.id, ())):
+                engine.cancel(request_id)  # gRPC streams end with finish_reason "cancelled"
+            end = time.monotonic() + 2.0
+            while entry.active_streams and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+        return before - left, left
+
+    async def sweep_idle(self, every: float = 1.0) -> None:
+        """Unload models idle longer than their TTL (runs for the life of the server)."""
+        while True:
+            await asyncio.sleep(every)
+            for model_id in self._registry.idle_expired():
+                try:
+                    entry = self._registry.begin_unload(model_id)
+                except ModelNotFound:
+                    continue
+                log.info("unloading %s after its idle TTL", model_id)
+                await asyncio.to_thread(self._registry.finish_unload, entry)
+
+
+def _model_wire(e: Any, default: str | None) -> pb.Model:
+    return pb.Model(
+        id=e.id, aliases=list(e.aliases), state=e.state, context_length=e.context_length,
+        memory_bytes=e.memory_bytes, is_default=e.id == default and e.state == "loaded",
+        active_streams=e.active_streams, idle_ttl_seconds=e.idle_ttl,
+    )
+
+
+def _load_error(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    from lmlink.engine.loader import ModelLoadError
+    from lmlink.engine.registry import ModelTooLarge
+
+    if isinstance(exc, ModelTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, ModelLoadError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    log.error("model load failed: %s", exc)
+    return grpc.StatusCode.INTERNAL, f"loading failed: {exc.__class__.__name__}: {exc}"
 
 
 async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:

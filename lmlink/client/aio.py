@@ -14,7 +14,7 @@ from lmlink.v1 import inference_pb2_grpc as pb_grpc
 from ._wire import Message, build_request, decode_event
 from .errors import from_rpc_error
 from .events import Event, Generation
-from .info import ModelInfo, ServerInfo
+from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load_event
 from .security import channel_security
 from .sync import _CHANNEL_OPTIONS, resolve_target
 
@@ -129,6 +129,37 @@ class AsyncClient:
     async def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
         request = pb.CancelRequest(request_id=request_id)
         return (await self._unary(self._stub.Cancel, request, timeout)).cancelled
+
+    async def load_model(
+        self,
+        model: str,
+        *,
+        make_default: bool = False,
+        idle_ttl: float = 0.0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[LoadProgress | ModelInfo]:
+        """Owner only: load `model` on the server; yields LoadProgress, then the ModelInfo."""
+        request = pb.LoadModelRequest(model=model, make_default=make_default,
+                                      idle_ttl_seconds=idle_ttl)
+        call = self._stub.LoadModel(request, timeout=timeout if timeout is not None else self.timeout)
+        try:
+            async for event in call:
+                yield decode_load_event(event)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target) from None
+
+    async def unload_model(
+        self,
+        model: str,
+        *,
+        cancel_streams: bool = False,
+        drain_timeout: float = 0.0,
+        timeout: float | None = None,
+    ) -> UnloadResult:
+        """Owner only: stop serving `model` (waits for its streams, or cancels them)."""
+        request = pb.UnloadModelRequest(model=model, cancel_streams=cancel_streams,
+                                        drain_timeout_seconds=drain_timeout)
+        return UnloadResult.from_wire(await self._unary(self._stub.UnloadModel, request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         stub = health_pb2_grpc.HealthStub(self._channel)

@@ -15,10 +15,43 @@ class ModelInfo:
     context_length: int
     memory_bytes: int
     is_default: bool
+    active_streams: int = 0
+    idle_ttl_seconds: float = 0.0
 
     @classmethod
     def from_wire(cls, m: pb.Model) -> "ModelInfo":
-        return cls(m.id, tuple(m.aliases), m.state, m.context_length, m.memory_bytes, m.is_default)
+        return cls(m.id, tuple(m.aliases), m.state, m.context_length, m.memory_bytes, m.is_default,
+                   m.active_streams, m.idle_ttl_seconds)
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """One step of a LoadModel call (stage: resolving, checking_memory, loading, starting, ready)."""
+
+    stage: str
+    message: str
+    fraction: float
+    estimated_bytes: int
+    available_bytes: int
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    model: str
+    cancelled_streams: int
+    drained_streams: int
+    freed_bytes: int
+
+    @classmethod
+    def from_wire(cls, r: pb.UnloadModelResponse) -> "UnloadResult":
+        return cls(r.model, r.cancelled_streams, r.drained_streams, r.freed_bytes)
+
+
+def decode_load_event(event: pb.LoadModelEvent) -> "LoadProgress | ModelInfo":
+    if event.WhichOneof("event") == "loaded":
+        return ModelInfo.from_wire(event.loaded)
+    p = event.progress
+    return LoadProgress(p.stage, p.message, p.fraction, p.estimated_bytes, p.available_bytes)
 
 
 @dataclass(frozen=True)

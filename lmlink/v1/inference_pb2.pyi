@@ -147,20 +147,24 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "aliases", "state", "context_length", "memory_bytes", "is_default")
+    __slots__ = ("id", "aliases", "state", "context_length", "memory_bytes", "is_default", "active_streams", "idle_ttl_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     state: str
     context_length: int
     memory_bytes: int
     is_default: bool
-    def __init__(self, id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., context_length: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    active_streams: int
+    idle_ttl_seconds: float
+    def __init__(self, id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., context_length: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., active_streams: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -229,3 +233,57 @@ class CancelResponse(_message.Message):
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     cancelled: bool
     def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model", "make_default", "idle_ttl_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAKE_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    make_default: bool
+    idle_ttl_seconds: float
+    def __init__(self, model: _Optional[str] = ..., make_default: _Optional[bool] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class LoadProgress(_message.Message):
+    __slots__ = ("stage", "message", "fraction", "estimated_bytes", "available_bytes")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    message: str
+    fraction: float
+    estimated_bytes: int
+    available_bytes: int
+    def __init__(self, stage: _Optional[str] = ..., message: _Optional[str] = ..., fraction: _Optional[float] = ..., estimated_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
+
+class LoadModelEvent(_message.Message):
+    __slots__ = ("progress", "loaded")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    progress: LoadProgress
+    loaded: Model
+    def __init__(self, progress: _Optional[_Union[LoadProgress, _Mapping]] = ..., loaded: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model", "cancel_streams", "drain_timeout_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    cancel_streams: bool
+    drain_timeout_seconds: float
+    def __init__(self, model: _Optional[str] = ..., cancel_streams: _Optional[bool] = ..., drain_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("model", "cancelled_streams", "drained_streams", "freed_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    cancelled_streams: int
+    drained_streams: int
+    freed_bytes: int
+    def __init__(self, model: _Optional[str] = ..., cancelled_streams: _Optional[int] = ..., drained_streams: _Optional[int] = ..., freed_bytes: _Optional[int] = ...) -> None: ...

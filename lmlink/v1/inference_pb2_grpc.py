@@ -54,6 +54,16 @@ class InferenceStub:
                 request_serializer=lmlink_dot_v1_dot_inference__pb2.CancelRequest.SerializeToString,
                 response_deserializer=lmlink_dot_v1_dot_inference__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_stream(
+                '/lmlink.v1.Inference/LoadModel',
+                request_serializer=lmlink_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=lmlink_dot_v1_dot_inference__pb2.LoadModelEvent.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/lmlink.v1.Inference/UnloadModel',
+                request_serializer=lmlink_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=lmlink_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -87,6 +97,24 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """LoadModel (owner only) loads a model (id of an available model, a local model directory,
+        or a Hugging Face id) and streams progress until it is served. A load that would not fit
+        in memory is refused with RESOURCE_EXHAUSTED before anything is read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """UnloadModel (owner only) stops serving a model. New requests for it are refused at once;
+        running streams are waited for up to drain_timeout_seconds, then cancelled (or cancelled at
+        once with cancel_streams). The model stays listed as "available".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +137,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=lmlink_dot_v1_dot_inference__pb2.CancelRequest.FromString,
                     response_serializer=lmlink_dot_v1_dot_inference__pb2.CancelResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=lmlink_dot_v1_dot_inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=lmlink_dot_v1_dot_inference__pb2.LoadModelEvent.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=lmlink_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
+                    response_serializer=lmlink_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +257,60 @@ class Inference:
             '/lmlink.v1.Inference/Cancel',
             lmlink_dot_v1_dot_inference__pb2.CancelRequest.SerializeToString,
             lmlink_dot_v1_dot_inference__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmlink.v1.Inference/LoadModel',
+            lmlink_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+            lmlink_dot_v1_dot_inference__pb2.LoadModelEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmlink.v1.Inference/UnloadModel',
+            lmlink_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+            lmlink_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
