@@ -9,17 +9,19 @@ out through each request's `EventSink`, grouped per step.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from .loader import LoadedModel
+from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
 from .prompts import encode_prompt
 from .sampling import make_processors, make_sampler
 from .stops import StopStringMatcher
@@ -82,14 +84,37 @@ class _Request:
     detokenizer: Any = None
     stops: StopStringMatcher | None = None
     pending: list[Event] = field(default_factory=list)
+    done: bool = False  # final event made (a stop string may leave it in the batch one step)
+    fetched: Any = None  # (cache, rest) from the prompt cache, between deciding and admitting
+
+
+class _NoSink:
+    """Ranks other than 0 deliver nothing."""
+
+    def deliver(self, events: Sequence[Event]) -> None:
+        pass
+
+
+_NO_SINK = _NoSink()
 
 
 class Engine:
-    """Serves one loaded model to many concurrent requests."""
+    """Serves one loaded model to many concurrent requests.
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    Every iteration of the worker is: rank 0 decides this step's commands (admit / remove),
+    the broadcaster shares them, every rank applies them and calls `BatchGenerator.next()`.
+    Single-process engines run the same loop with a no-op broadcaster; in a cluster
+    (`lockstep=DistributedBroadcaster(group)`) ranks > 0 call `run_follower()` instead of
+    `start()` and only rank 0 delivers events.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig | None = None, *, lockstep: Any = None
+    ) -> None:
         self.loaded = loaded
         self.config = config or EngineConfig()
+        self.lockstep = lockstep if lockstep is not None else LocalBroadcaster()
+        self.cluster: Any = None  # cluster facts (ranks, hosts, backend) for status, if any
         self._tokenizer = loaded.tokenizer
         self._eos = sorted(set(loaded.tokenizer.eos_token_ids or ()))
         self._eos_stops = StopSequences([[t] for t in self._eos])
@@ -105,9 +130,16 @@ class Engine:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmlink-engine", daemon=True)
         self._step_listeners: list[Callable[[], None]] = []
+        # Ranks hold different shards, so a byte limit would evict differently on each rank;
+        # in a cluster the cache is bounded by entry count alone (the same on every rank).
         self._prompt_cache = LRUPromptCache(
-            max_size=self.config.prompt_cache_entries, max_bytes=self.config.prompt_cache_bytes
+            max_size=self.config.prompt_cache_entries,
+            max_bytes=self.config.prompt_cache_bytes if not self.lockstep.distributed else 1 << 62,
         )
+        self._live: dict[str, int] = {}  # request id -> uid of requests inside the generator
+        self._deferred: list[Remove] = []  # decided on rank 0, applied at the next step
+        self._seeds = random.Random()
+        self._admitting: dict[str, _Request] = {}
         self._generated_tokens = 0
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -190,6 +222,22 @@ class Engine:
     def healthy(self) -> bool:
         return self._ready.is_set() and self._dead is None and not self._stopping
 
+    def abort(self, error: EngineError) -> None:
+        """Fail every request now, from any thread (a cluster rank died: the worker may be
+        blocked in a collective that never returns). The engine stays unhealthy."""
+        with self._lock:
+            if self._dead is None:
+                self._dead = error
+            self._stopping = True
+            states = list(self._by_id.values())
+            self._by_id.clear()
+            self._incoming.clear()
+            self._wake.notify()
+        for s in states:
+            s.done = True
+            s.pending.append(Failed(error))
+        self._deliver(states)
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._stopping = True
@@ -214,48 +262,123 @@ class Engine:
     def _run(self) -> None:
         generator = self._new_generator()
         self._ready.set()
+        distributed = self.lockstep.distributed
         try:
             while True:
                 with self._lock:
-                    while not (self._stopping or self._incoming or self._cancels or self._by_uid):
+                    while not (
+                        self._stopping or self._incoming or self._cancels or self._live
+                        or self._deferred
+                    ):
                         self._wake.wait()
                     if self._stopping:
                         break
                     room = self.config.max_batch_size + min(
                         self.config.prefill_batch_size, self.config.max_batch_size
                     )
-                    room -= len(self._by_uid)
+                    room -= len(self._live)
                     admit = [self._incoming.popleft() for _ in range(min(room, len(self._incoming)))]
                     cancels, self._cancels = self._cancels, set()
                 try:
-                    self._step(generator, admit, cancels)
-                except Exception:
+                    commands = self._decide(admit, cancels)
+                    commands = self.lockstep.share(commands)
+                    self._step(generator, commands)
+                except Exception as exc:
+                    if distributed:  # the other ranks cannot follow a reset: stop the cluster
+                        raise
                     # A bug, not bad input: log it, fail the requests in flight, keep serving.
                     log.exception("generation step failed; failing the requests in flight")
                     self._fail_active(EngineError("internal error during generation"))
+                    self._live.clear()
+                    self._deferred.clear()
                     generator = self._new_generator()
+            if distributed and self._dead is None:
+                self.lockstep.share(StepCommands(shutdown=True))
+                self.lockstep.finish()
         except BaseException as exc:  # pragma: no cover - the worker must never die silently
             log.exception("engine worker died")
-            self._dead = EngineStopped(f"the engine stopped: {exc.__class__.__name__}")
+            if self._dead is None:
+                self._dead = EngineStopped(f"the engine stopped: {exc.__class__.__name__}")
         finally:
             self._fail_everything(self._dead or EngineStopped("the server is shutting down"))
 
-    def _step(self, generator: BatchGenerator, admit: list[_Request], cancels: set[str]) -> None:
-        touched: dict[int, _Request] = {}
+    def run_follower(self) -> None:
+        """Ranks > 0: apply rank 0's commands step by step until it shuts the cluster down."""
+        generator = self._new_generator()
+        self._ready.set()
+        while True:
+            commands = self.lockstep.share(None)
+            if commands.shutdown:
+                break
+            self._step(generator, commands)
+        self.lockstep.finish()
+
+    def _decide(self, admit: list[_Request], cancels: set[str]) -> StepCommands:
+        """Rank 0: turn this step's arrivals and cancellations into commands for every rank."""
+        removes, self._deferred = self._deferred, []
         if cancels:
-            self._apply_cancels(generator, cancels, touched)
+            with self._lock:
+                states = [s for s in (self._by_id.get(i) for i in cancels) if s is not None]
+                queued = [s for s in states if s in self._incoming]
+                for s in queued:
+                    self._incoming.remove(s)
+            for s in states:
+                if s.request.request_id in self._live:
+                    removes.append(Remove(s.request.request_id, "cancelled"))
+                self._finish(s, "cancelled")
+            self._deliver(states)
+        admits = []
         for state in admit:
-            self._admit(generator, state)
+            if state.done:
+                continue
+            sampling = state.request.sampling
+            if sampling.temperature > 0 and sampling.seed is None:
+                # Every rank must draw the same tokens: fix the seed here, once.
+                sampling = replace(sampling, seed=self._seeds.getrandbits(63))
+            cache, rest = self._prompt_cache.fetch_nearest_cache(self.model_id, state.prompt)
+            state.fetched = (cache, rest)
+            admits.append(
+                Admit(state.request.request_id, state.prompt, state.max_tokens, sampling,
+                      _cached_len(state.prompt, cache, rest))
+            )
+        self._admitting = {s.request.request_id: s for s in admit if not s.done}
+        return StepCommands(admits, removes)
+
+    def _step(self, generator: BatchGenerator, commands: StepCommands) -> None:
+        touched: dict[int, _Request] = {}
+        # Admits see the prompt cache as it was before this step's removes, on every rank.
+        admits = [(cmd, self._claim(cmd)) for cmd in commands.admits]
+        if commands.removes:
+            self._apply_removes(generator, commands.removes)
+        for cmd, state in admits:
+            self._admit(generator, cmd, state)
             touched[id(state)] = state
-        if self._by_uid:
+        if self._live:
             prompt_responses, generation_responses = generator.next()
             self._on_prompt_progress(prompt_responses, touched)
             self._on_tokens(generator, generation_responses, touched)
-        self._deliver(touched.values())
+        if self.lockstep.rank == 0:
+            self._deliver(touched.values())
 
-    def _admit(self, generator: BatchGenerator, state: _Request) -> None:
+    def _claim(self, cmd: Admit) -> _Request:
+        if self.lockstep.rank == 0:
+            return self._admitting.pop(cmd.request_id)
+        state = _Request(
+            GenerationRequest(cmd.request_id, sampling=cmd.sampling), _NO_SINK, cmd.prompt,
+            cmd.max_tokens, time.perf_counter(),
+        )
+        state.fetched = self._prompt_cache.fetch_nearest_cache(self.model_id, cmd.prompt)
+        return state
+
+    def _admit(self, generator: BatchGenerator, cmd: Admit, state: _Request) -> None:
         prompt = state.prompt
-        cache, rest = self._prompt_cache.fetch_nearest_cache(self.model_id, prompt)
+        (cache, rest), state.fetched = state.fetched, None
+        cached = _cached_len(prompt, cache, rest)
+        if cached != cmd.cached:
+            raise LockstepError(
+                f"rank {self.lockstep.rank} found {cached} cached prompt tokens for "
+                f"{cmd.request_id}, rank 0 found {cmd.cached}"
+            )
         if cache is not None and not rest:
             # An exact hit leaves nothing to feed; recompute the last token to get logits.
             if can_trim_prompt_cache(cache):
@@ -264,10 +387,10 @@ class Engine:
             else:
                 cache, rest = None, prompt
         cached = len(prompt) - len(rest)
-        sampling = state.request.sampling
+        sampling = cmd.sampling
         (uid,) = generator.insert(
             [rest],
-            max_tokens=[state.max_tokens],
+            max_tokens=[cmd.max_tokens],
             caches=[cache],
             all_tokens=[prompt[:cached]],
             samplers=[make_sampler(sampling)],
@@ -277,25 +400,29 @@ class Engine:
         state.uid = uid
         state.admitted = time.perf_counter()
         state.cached_tokens = cached
-        state.detokenizer = self._tokenizer.detokenizer
-        state.stops = StopStringMatcher(sampling.stop)
         self._by_uid[uid] = state
-        state.pending.append(Started(self.model_id, len(prompt), cached))
+        self._live[cmd.request_id] = uid
+        if self.lockstep.rank == 0:
+            state.detokenizer = self._tokenizer.detokenizer
+            state.stops = StopStringMatcher(sampling.stop)
+            state.pending.append(Started(self.model_id, len(prompt), cached))
 
-    def _apply_cancels(
-        self, generator: BatchGenerator, ids: set[str], touched: dict[int, _Request]
-    ) -> None:
-        with self._lock:
-            states = [s for s in (self._by_id.get(i) for i in ids) if s is not None]
-            for s in states:
-                if s in self._incoming:
-                    self._incoming.remove(s)
-        uids = [s.uid for s in states if s.uid >= 0]
-        if uids:
-            generator.remove(uids)
-        for s in states:
-            self._finish(s, "cancelled")
-            touched[id(s)] = s
+    def _apply_removes(self, generator: BatchGenerator, removes: list[Remove]) -> None:
+        keep: list[int] = []  # stopped by a stop string: their cache is worth keeping
+        drop: list[int] = []
+        for r in removes:
+            uid = self._live.pop(r.request_id, None)
+            if uid is None:
+                continue
+            self._by_uid.pop(uid, None)
+            (keep if r.reason == "stop" else drop).append(uid)
+        if drop:
+            generator.remove(drop)
+        if keep:
+            caches = generator.remove(keep, return_prompt_caches=True)
+            for uid in keep:
+                cache, tokens = caches.get(uid, (None, None))
+                self._remember_cache(tokens, cache)
 
     def _on_prompt_progress(self, responses: Sequence[Any], touched: dict[int, _Request]) -> None:
         for r in responses:
@@ -311,10 +438,16 @@ class Engine:
         self, generator: BatchGenerator, responses: Sequence[Any], touched: dict[int, _Request]
     ) -> None:
         now = time.perf_counter()
-        stopped_by_text: list[_Request] = []
+        leader = self.lockstep.rank == 0
         for r in responses:
             state = self._by_uid.get(r.uid)
             if state is None:
+                continue
+            if r.finish_reason is not None:  # the generator already dropped it, on every rank
+                self._live.pop(state.request.request_id, None)
+                self._by_uid.pop(r.uid, None)
+                self._remember_cache(r.all_tokens, r.prompt_cache)
+            if not leader or state.done:
                 continue
             touched[id(state)] = state
             if not state.first_token:
@@ -335,20 +468,16 @@ class Engine:
             if text or ids:
                 state.pending.append(TokenDelta(text, ids))
             if r.finish_reason is not None:
-                self._remember_cache(r.all_tokens, r.prompt_cache)
                 self._finish(state, "stop" if matched else r.finish_reason)
             elif matched:
-                stopped_by_text.append(state)
+                # Done for the client now; out of the batch at the start of the next step, on
+                # every rank (only rank 0 detokenizes, so only it can see stop strings).
+                self._finish(state, "stop")
+                self._deferred.append(Remove(state.request.request_id, "stop"))
         self._generated_tokens += len(responses)
         self._recent.append((now, len(responses)))
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
-        if stopped_by_text:
-            caches = generator.remove([s.uid for s in stopped_by_text], return_prompt_caches=True)
-            for state in stopped_by_text:
-                cache, tokens = caches.get(state.uid, (None, None))
-                self._remember_cache(tokens, cache)
-                self._finish(state, "stop")
 
     def _remember_cache(self, tokens: list[int] | None, cache: Any) -> None:
         if tokens and cache is not None:
@@ -356,7 +485,7 @@ class Engine:
 
     def _finish(self, state: _Request, reason: FinishReason) -> None:
         now = time.perf_counter()
-        self._by_uid.pop(state.uid, None)
+        state.done = True
         with self._lock:
             self._by_id.pop(state.request.request_id, None)
         first = state.first_token or now
@@ -388,7 +517,7 @@ class Engine:
             listener()
 
     def _fail_active(self, error: EngineError) -> None:
-        states = list(self._by_uid.values())
+        states = [s for s in self._by_uid.values() if not s.done]
         self._by_uid.clear()
         with self._lock:
             for s in states:
@@ -405,11 +534,14 @@ class Engine:
             self._incoming.clear()
         self._by_uid.clear()
         for s in states:
+            s.done = True
             s.pending.append(Failed(error))
         self._deliver(states)
 
 
-def _with_id(request: GenerationRequest, request_id: str) -> GenerationRequest:
-    from dataclasses import replace
+def _cached_len(prompt: list[int], cache: Any, rest: list[int]) -> int:
+    return 0 if cache is None else len(prompt) - len(rest)
 
+
+def _with_id(request: GenerationRequest, request_id: str) -> GenerationRequest:
     return replace(request, request_id=request_id)
