@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -54,6 +54,7 @@ class ServeOptions:
     tailnet: TailnetSettings = field(default_factory=TailnetSettings)
     audit_prompts: bool = False  # the owner opted in to prompt text in the audit trail
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
+    cluster: Any = None  # cluster rank 0: has make_engine(progress) -> Engine (lmlink.cluster)
     idle_ttl: float = 0.0  # unload models idle this many seconds (0: never)
 
 
@@ -208,13 +209,20 @@ async def _serve_behind(
                 localapi_socket=options.tailnet.localapi_socket,
                 tsnet_hostname=options.tailnet.tsnet_hostname,
             )
-        if loaded is None:
-            loaded = await asyncio.to_thread(load_model, options.model, progress=on_progress)
-        engine = Engine(loaded, options.engine)
+        if options.cluster is not None:  # rank 0 of a cluster: a sharded, lockstep engine
+            engine = await asyncio.to_thread(options.cluster.make_engine, on_progress)
+            loaded = engine.loaded
+        else:
+            if loaded is None:
+                loaded = await asyncio.to_thread(load_model, options.model, progress=on_progress)
+            engine = Engine(loaded, options.engine)
         engine.add_step_listener(hub.on_step)
         await asyncio.to_thread(engine.start)
         registry.add(engine, default=True, spec=options.model)
-        _enable_model_management(registry, options, hub)
+        if options.cluster is None:  # other models cannot join a sharded cluster at runtime
+            _enable_model_management(registry, options, hub)
+        else:
+            health_watch = asyncio.ensure_future(_watch_health(registry, health_servicer))
         sweeper = asyncio.ensure_future(service.sweep_idle())
         if guard is not None:
             guard.start()
@@ -236,9 +244,25 @@ async def _serve_behind(
         await asyncio.gather(server.stop(grace=2.0), http.stop() if http else asyncio.sleep(0))
         if "sweeper" in locals():
             sweeper.cancel()
+        if "health_watch" in locals():
+            health_watch.cancel()
         await asyncio.to_thread(registry.stop_all)
         if guard is not None:
             await guard.aclose()
+
+
+async def _watch_health(registry: ModelRegistry, health_servicer) -> None:
+    """Cluster mode: a rank that fails makes the engine unhealthy; say so (NOT_SERVING)."""
+    serving = True
+    while True:
+        await asyncio.sleep(0.25)
+        ok = all(e.healthy for e in registry.engines())
+        if ok != serving:
+            serving = ok
+            state = (health_pb2.HealthCheckResponse.SERVING if ok
+                     else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for svc in ("", SERVICE_NAME):
+                await health_servicer.set(svc, state)
 
 
 def _enable_model_management(registry: ModelRegistry, options: ServeOptions, hub: StreamHub) -> None:
