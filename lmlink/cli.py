@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--name", default=None, help="server name shown to clients (default: hostname)")
     serve.add_argument(
+        "--idle-ttl", type=float, default=0.0, metavar="S",
+        help="unload a model after S seconds without requests (0 = never; LoadModel may set "
+        "its own)",
+    )
+    serve.add_argument(
         "--no-mdns",
         action="store_true",
         help="do not advertise on the LAN with mDNS (_lmlink._tcp; loopback only in local mode)",
@@ -198,9 +203,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--stats", action="store_true", help="print token counts and speed to stderr at the end"
     )
 
-    models = sub.add_parser("models", help="list the models you may use on a server")
+    models = sub.add_parser(
+        "models", help="list the models on a server; load or unload them (owner only)",
+        description="list: loaded, loading and available models with memory. load MODEL: load "
+        "an available model id, a model directory on the server or a Hugging Face id, showing "
+        "progress (refused if it would not fit in memory). unload MODEL: stop serving it; its "
+        "running streams are waited for (--drain-timeout) then cancelled, or cancelled at once "
+        "with --cancel-streams.",
+    )
+    models.add_argument("action", nargs="?", choices=("list", "load", "unload"), default="list")
+    models.add_argument("name", nargs="?", help="the model to load or unload")
     _add_server_flag(models)
     models.add_argument("--json", action="store_true", help="print JSON")
+    models.add_argument("--default", action="store_true", help="load: make it the default model")
+    models.add_argument("--idle-ttl", type=float, default=0.0, metavar="S",
+                        help="load: unload after S idle seconds (0 = the server's --idle-ttl)")
+    models.add_argument("--cancel-streams", action="store_true",
+                        help="unload: cancel running streams at once instead of waiting")
+    models.add_argument("--drain-timeout", type=float, default=0.0, metavar="S",
+                        help="unload: wait up to S seconds for running streams (default 30)")
+
+    link = sub.add_parser(
+        "link",
+        help="serve remote models on a loopback OpenAI-compatible endpoint (laptop side)",
+        description="Serve /v1/models, /v1/chat/completions and /v1/completions on loopback, "
+        "forwarding each request over gRPC to the best reachable lmlink server that has the "
+        "model (your preference, else path, latency and load), with one retry before the "
+        "first token. 'lmlink link prefer MODEL SERVER' stores a preferred server for a model "
+        "('--clear' forgets it); 'lmlink link prefs' lists them.",
+    )
+    link.add_argument("action", nargs="?", choices=("prefer", "prefs"), default=None)
+    link.add_argument("words", nargs="*", help="prefer: MODEL SERVER")
+    link.add_argument("--port", type=_positive_int, default=None,
+                      help="loopback port (default 47472 or port in link.toml; 1234 for tools "
+                      "preconfigured for LM Studio)")
+    link.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
+    link.add_argument("--server", action="append", default=[], metavar="HOST:PORT",
+                      help="a server to use (repeatable), besides link.toml, config.toml, "
+                      "$LMLINK_SERVER and discovery")
+    link.add_argument("--no-discovery", action="store_true",
+                      help="only use the servers given, configured or in $LMLINK_SERVER")
+    link.add_argument("--refresh", type=float, default=2.0, metavar="S",
+                      help="probe servers every S seconds (default 2)")
+    link.add_argument("--clear", action="store_true", help="prefer: forget the preference")
+    link.add_argument("--json", action="store_true",
+                      help="print one JSON line when ready, no status line (scripts, services)")
 
     status = sub.add_parser("status", help="show a server's health, load and who you are to it")
     _add_server_flag(status)
@@ -317,6 +364,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.name:
         options.name = args.name
     options.mdns = not args.no_mdns
+    if args.idle_ttl < 0:
+        raise CliError("--idle-ttl must not be negative")
+    options.idle_ttl = args.idle_ttl
     status = console.status(f"loading model {args.model} ...", spinner="dots")
 
     def on_progress(message: str) -> None:
@@ -481,6 +531,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    if args.action in ("load", "unload"):
+        return _manage_model(args)
     with _client(args) as client:
         models = client.list_models()
     if args.json:
@@ -500,6 +552,86 @@ def cmd_models(args: argparse.Namespace) -> int:
             "yes" if m.is_default else "",
         )
     Console().print(table)
+    return EXIT_OK
+
+
+def _manage_model(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from lmlink.client import ModelInfo
+
+    if not args.name:
+        raise CliError(f"name the model to {args.action}")
+    with _client(args) as client:
+        if args.action == "unload":
+            result = client.unload_model(args.name, cancel_streams=args.cancel_streams,
+                                         drain_timeout=args.drain_timeout)
+            if args.json:
+                print(json.dumps(asdict(result)))
+            else:
+                print(f"unloaded {result.model}: freed {_human_bytes(result.freed_bytes)}, "
+                      f"{result.drained_streams} stream(s) finished, "
+                      f"{result.cancelled_streams} cancelled")
+            return EXIT_OK
+        for event in client.load_model(args.name, make_default=args.default,
+                                       idle_ttl=args.idle_ttl):
+            if args.json:
+                kind = "loaded" if isinstance(event, ModelInfo) else "progress"
+                print(json.dumps({"event": kind, **asdict(event)}), flush=True)
+            elif isinstance(event, ModelInfo):
+                print(f"loaded {event.id} ({_human_bytes(event.memory_bytes)}, context "
+                      f"{event.context_length})")
+            else:
+                print(f"[{event.fraction * 100:3.0f}%] {event.message}", file=sys.stderr,
+                      flush=True)
+    return EXIT_OK
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from lmlink.client.discovery import load_settings
+    from lmlink.link import LinkError, LinkOptions, RunningLink, load_link_config, run_link
+    from lmlink.link.config import DEFAULT_PORT, set_preference
+
+    if args.action == "prefer":
+        if len(args.words) != (1 if args.clear else 2):
+            raise CliError("usage: lmlink link prefer MODEL SERVER (or MODEL --clear)")
+        cfg = set_preference(args.words[0], None if args.clear else args.words[1])
+        print(f"{args.words[0]} -> {cfg.prefer.get(args.words[0], '(automatic)')} "
+              f"(saved in {cfg.path})")
+        return EXIT_OK
+    cfg = load_link_config()
+    if args.action == "prefs":
+        print(json.dumps(cfg.prefer, indent=2) if args.json else
+              "\n".join(f"{m} -> {s}" for m, s in sorted(cfg.prefer.items())) or "(none)")
+        return EXIT_OK
+    if args.words:
+        raise CliError(f"unexpected arguments: {' '.join(args.words)}")
+    settings = load_settings()
+    env = os.environ.get("LMLINK_SERVER")
+    servers = tuple(dict.fromkeys([*args.server, *((env,) if env else ()), *cfg.servers,
+                                   *settings.servers]))
+    options = LinkOptions(
+        host=args.host, port=args.port if args.port is not None else (cfg.port or DEFAULT_PORT),
+        servers=servers, discovery=cfg.discovery and not args.no_discovery, prefer=cfg.prefer,
+        refresh_interval=max(0.2, args.refresh), status_line=not args.json,
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def on_ready(running: RunningLink) -> None:
+        up = [s.label for s in running.router.servers.values() if s.up]
+        if args.json:
+            print(json.dumps({"event": "ready", "url": running.url, "servers_up": up}), flush=True)
+        else:
+            print(f"lmlink link: OpenAI-compatible endpoint at {running.url} "
+                  f"({len(up)} server(s) up). Ctrl-C to stop.", file=sys.stderr)
+
+    try:
+        asyncio.run(run_link(options, on_ready=on_ready))
+    except LinkError as exc:
+        raise CliError(str(exc)) from None
+    print(file=sys.stderr)
     return EXIT_OK
 
 
@@ -589,6 +721,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "status": cmd_status,
     "discover": cmd_discover,
+    "link": cmd_link,
     "enroll": cmd_enroll,
     "share": lambda args: _access(args),
     "token": lambda args: _access(args),

@@ -14,7 +14,7 @@ from .errors import (
     Unavailable,
 )
 from .events import Completed, Event, Generation, PromptProgress, Started, TokenDelta
-from .info import ModelInfo, ServerInfo
+from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult
 from .sync import Client, GenerationStream
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Generation",
     "GenerationStream",
     "InvalidArgument",
+    "LoadProgress",
     "LmlinkError",
     "ModelInfo",
     "NotFound",
@@ -40,4 +41,5 @@ __all__ = [
     "TokenDelta",
     "Unauthenticated",
     "Unavailable",
+    "UnloadResult",
 ]

@@ -1,0 +1,388 @@
+"""`lmlink link`: remote lmlink models on a loopback OpenAI-compatible endpoint.
+
+Every request is parsed and checked with the same OpenAI schema code the server's HTTP bridge
+uses (lmlink.api.openai_schema), then forwarded with lmlink's own gRPC client to the server the
+Router picks, so tokens stream end to end, a client disconnect cancels the generation on the
+server, and the server sees the laptop user's own identity (tailnet WhoIs / client cert).
+
+Failover: if the chosen server fails before the first token, the request is retried once on the
+next candidate. Once a token has been sent the answer cannot be moved without duplicating
+output, so a failure then ends the stream with an in-band OpenAI error event and `[DONE]`.
+
+Endpoints: GET /v1/models[/{id}], POST /v1/chat/completions, POST /v1/completions (streaming
+or not), GET /health, GET /status (servers, their load and latency, preferences).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from lmlink.api.http_bridge import _ClientGone, _unless_disconnected, peer_string
+from lmlink.api.gate import is_loopback_peer
+from lmlink.api.openai_schema import (
+    DONE,
+    ApiError,
+    ChunkEncoder,
+    CompletionCall,
+    check_request_id,
+    completion_body,
+    error_event,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
+from lmlink.client import events as ev
+from lmlink.client.errors import LmlinkError
+from lmlink.engine.types import Completed as EngineCompleted
+
+from .router import NoServer, Router, Server
+
+log = logging.getLogger("lmlink.link")
+MAX_BODY = 4 * 1024 * 1024
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request"),
+    grpc.StatusCode.NOT_FOUND: (404, "model_not_found"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_denied"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limited"),
+    grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "duplicate_request_id"),
+}
+# Worth another server: it is down, overloaded, or no longer has the model.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+def api_error(exc: LmlinkError, server: Server) -> ApiError:
+    status, code = _HTTP_STATUS.get(exc.code, (502, "upstream_error"))
+    return ApiError(status, f"{server.label}: {exc}", code=code,
+                    retry_after=2 if status in (429, 503) else None)
+
+
+def to_engine_completed(done: ev.Completed) -> EngineCompleted:
+    u, t = done.usage, done.timings
+    return EngineCompleted(
+        done.finish_reason if done.finish_reason != "unspecified" else "stop",  # type: ignore[arg-type]
+        u.prompt_tokens, u.completion_tokens, u.cached_tokens, t.time_to_first_token_ms,
+        t.total_ms, t.tokens_per_second, t.prompt_tokens_per_second, t.queued_ms,
+    )
+
+
+def request_options(call: CompletionCall) -> dict[str, Any]:
+    """A parsed OpenAI body as keyword arguments for lmlink's client `stream()`."""
+    r, s = call.request, call.request.sampling
+    out: dict[str, Any] = {
+        "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+        "top_k": s.top_k or None, "min_p": s.min_p or None, "stop": s.stop, "seed": s.seed,
+        "repetition_penalty": s.repetition_penalty, "ignore_eos": s.ignore_eos,
+    }
+    if r.prompt is not None:
+        out["prompt"] = r.prompt
+    else:
+        out["messages"] = [{"role": m.role, "content": m.content} for m in r.messages or ()]
+    return out
+
+
+@dataclass
+class _Upstream:
+    """An open generation on one server, with the events read before the first token."""
+
+    server: Server
+    stream: Any
+    events: AsyncIterator[ev.Event]
+    head: list[ev.Event]
+    model: str
+
+
+class LinkStats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.active = 0
+        self.failovers = 0
+        self.errors = 0
+
+
+class LinkApp:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.stats = LinkStats()
+        self._started = int(time.time())
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/status", self.status, methods=["GET"]),
+            ],
+            exception_handlers={
+                ApiError: _api_error_response,
+                HTTPException: _http_error_response,
+            },
+        )
+
+    # ----- models ------------------------------------------------------------------------------
+
+    def _cards(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = []
+        for model, servers in self.router.models():
+            ctx = servers[0].context.get(model, 0)
+            data.append({"id": model, "object": "model", "created": self._started,
+                         "owned_by": servers[0].label, "context_length": ctx,
+                         "servers": [s.label for s in servers]})
+            for s in servers:  # `model@server` pins a request to that server
+                data.append({"id": f"{model}@{s.label}", "object": "model",
+                             "created": self._started, "owned_by": s.label,
+                             "context_length": s.context.get(model, 0), "servers": [s.label]})
+        return data
+
+    async def list_models(self, request: Request) -> Response:
+        _local_only(request)
+        # Tools list models to offer a choice: show what is loaded now (probe if > 1 s old).
+        if time.monotonic() - self.router.last_refresh > 1.0:
+            await self.router.refresh(timeout=1.0)
+        return JSONResponse({"object": "list", "data": self._cards()})
+
+    async def get_model(self, request: Request) -> Response:
+        _local_only(request)
+        name = request.path_params["model"]
+        for card in self._cards():
+            if card["id"] == name:
+                return JSONResponse(card)
+        raise ApiError(404, f"model {name!r} is not loaded on any reachable server",
+                       code="model_not_found", param="model")
+
+    async def health(self, request: Request) -> Response:
+        up = [s.label for s in self.router.servers.values() if s.up]
+        if not up:
+            return JSONResponse({"status": "no_server", "message": self.router.unreachable_message()},
+                                503, headers={"retry-after": "2"})
+        return JSONResponse({"status": "ok", "servers_up": up})
+
+    async def status(self, request: Request) -> Response:
+        _local_only(request)
+        s = self.stats
+        return JSONResponse({**self.router.status(), "requests": s.requests,
+                             "active": s.active, "failovers": s.failovers, "errors": s.errors})
+
+    # ----- completions ---------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._complete(request, parse_chat)
+
+    async def completions(self, request: Request) -> Any:
+        return await self._complete(request, parse_completion)
+
+    async def _complete(self, request: Request, parse: Callable[..., CompletionCall]) -> Any:
+        _local_only(request)
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes",
+                           code="request_too_large")
+        call = parse(parse_json(raw))
+        request_id = check_request_id(request.headers.get("x-request-id", "")) or uuid.uuid4().hex
+        self.stats.requests += 1
+        try:
+            up = await _unless_disconnected(request.receive, self._open(call, request_id))
+        except _ClientGone:
+            return Response(status_code=499)
+        headers = {"x-request-id": request_id, "x-lmlink-server": up.server.label}
+        created = int(time.time())
+        if call.stream:
+            return _Sse(self._stream(up, call, request_id, created), headers)
+        try:
+            text, done = await _unless_disconnected(request.receive, self._collect(up))
+        except _ClientGone:
+            return Response(status_code=499)
+        body = completion_body(call.kind, request_id, created, up.model, text, done)
+        return JSONResponse(body, headers=headers)
+
+    async def _open(self, call: CompletionCall, request_id: str) -> _Upstream:
+        """Start the generation on the best server, up to its first token; one retry before it."""
+        try:
+            servers, pinned = self.router.candidates(call.model)
+        except NoServer as exc:
+            if exc.status == 503:  # maybe one just came back: look again before refusing
+                await self.router.refresh(only_down=True, timeout=1.0)
+                try:
+                    servers, pinned = self.router.candidates(call.model)
+                except NoServer as again:
+                    raise _no_server(again) from None
+            else:
+                raise _no_server(exc) from None
+        options = request_options(call)
+        name = self.router.split_pin(call.model)[0]
+        tried: list[str] = []
+        attempts = servers[:1] if pinned else servers[:2]
+        for i, server in enumerate(attempts):
+            model = (server.model_id(name) or name) if name else ""
+            try:
+                return await self._first_token(server, model, request_id, options)
+            except LmlinkError as exc:
+                retry = exc.code in _RETRYABLE and i + 1 < len(attempts)
+                tried.append(f"{server.label} ({server.target}): {exc}")
+                if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.router.mark_failed(server, str(exc))
+                if not retry:
+                    self.stats.errors += 1
+                    if len(tried) > 1 or exc.code == grpc.StatusCode.UNAVAILABLE:
+                        down = [f"{s.label} ({s.target}): {s.error}"
+                                for s in self.router.servers.values()
+                                if not s.up and s not in attempts]
+                        raise ApiError(503, "no server could take the request; tried "
+                                       + "; ".join(tried)
+                                       + (f"; also down: {'; '.join(down)}" if down else ""),
+                                       code="no_server_available", retry_after=2) from None
+                    raise api_error(exc, server) from None
+                self.stats.failovers += 1
+                log.info("request %s: %s failed before its first token (%s); trying %s",
+                         request_id, server.label, exc, attempts[i + 1].label)
+        raise ApiError(503, "no server could take the request", code="no_server_available")
+
+    async def _first_token(self, server: Server, model: str, request_id: str,
+                           options: dict[str, Any]) -> _Upstream:
+        client = await self.router._client(server)
+        stream = client.stream(model=model, request_id=request_id, **options)
+        events = stream.__aiter__()
+        head: list[ev.Event] = []
+        server.inflight += 1
+        try:
+            async for event in events:
+                head.append(event)
+                if isinstance(event, (ev.TokenDelta, ev.Completed)):
+                    break
+        except BaseException:
+            server.inflight -= 1
+            stream.cancel()
+            raise
+        started = next((e for e in head if isinstance(e, ev.Started)), None)
+        return _Upstream(server, stream, events, head, started.model if started else model)
+
+    async def _events(self, up: _Upstream) -> AsyncIterator[ev.Event]:
+        """The head events, then the rest of the stream; always releases the upstream."""
+        self.stats.active += 1
+        try:
+            for event in up.head:
+                yield event
+            if up.head and isinstance(up.head[-1], ev.Completed):
+                return
+            async for event in up.events:
+                yield event
+        finally:
+            self.stats.active -= 1
+            up.server.inflight -= 1
+            up.stream.cancel()  # no-op when finished; cancels on the server otherwise
+
+    async def _collect(self, up: _Upstream) -> tuple[str, EngineCompleted]:
+        parts: list[str] = []
+        try:
+            async for event in self._events(up):
+                if isinstance(event, ev.TokenDelta):
+                    parts.append(event.text)
+                elif isinstance(event, ev.Completed):
+                    return "".join(parts), to_engine_completed(event)
+        except LmlinkError as exc:
+            self.stats.errors += 1
+            raise ApiError(502, f"{up.server.label} failed after the answer started: {exc}; "
+                           "not retried elsewhere (the answer would be duplicated)",
+                           code="upstream_failed") from None
+        raise ApiError(502, f"{up.server.label} ended the answer without completing it",
+                       code="upstream_failed")
+
+    def _stream(self, up: _Upstream, call: CompletionCall, request_id: str,
+                created: int) -> Callable[[Send], Any]:
+        encoder = ChunkEncoder(call.kind, request_id, created, up.model, call.include_usage)
+
+        async def write(send: Send) -> None:
+            async def out(data: bytes) -> None:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+            opening = encoder.role()
+            if opening:
+                await out(opening)
+            try:
+                async for event in self._events(up):
+                    if isinstance(event, ev.TokenDelta):
+                        if event.text:
+                            await out(encoder.delta(event.text))
+                    elif isinstance(event, ev.Completed):
+                        done = to_engine_completed(event)
+                        chunk = encoder.finish(done.finish_reason)
+                        if call.include_usage:
+                            chunk += encoder.usage(done)
+                        await out(chunk + DONE)
+                        return
+            except LmlinkError as exc:
+                self.stats.errors += 1
+                error = ApiError(502, f"{up.server.label} failed after the answer started: {exc}; "
+                                 "the answer is incomplete and was not retried elsewhere "
+                                 "(that would duplicate output)", code="upstream_failed")
+                await out(error_event(error) + DONE)
+                return
+            error = ApiError(502, f"{up.server.label} ended the stream without completing it",
+                             code="upstream_failed")
+            await out(error_event(error) + DONE)
+
+        return write
+
+
+class _Sse:
+    """An SSE response driven by `write(send)`; a client disconnect cancels it (and upstream)."""
+
+    def __init__(self, write: Callable[[Send], Any], headers: dict[str, str]) -> None:
+        self._write = write
+        self._headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                         (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        self._headers += [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        with contextlib.suppress(_ClientGone):
+            await _unless_disconnected(receive, self._write(send))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _local_only(request: Request) -> None:
+    """The link speaks for this laptop's user: only processes on this machine may use it."""
+    if not is_loopback_peer(peer_string(request.scope)):
+        raise ApiError(403, "lmlink link only serves this machine (loopback)",
+                       code="permission_denied")
+
+
+def _no_server(exc: NoServer) -> ApiError:
+    if exc.status == 404:
+        return ApiError(404, exc.message, code="model_not_found", param="model")
+    return ApiError(503, exc.message, code="no_server_reachable", retry_after=2)
+
+
+def _api_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), exc.status, headers=exc.headers())
+
+
+def _http_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    return JSONResponse(error.body(), exc.status_code)

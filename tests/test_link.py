@@ -1,0 +1,291 @@
+"""`lmlink link` with two real lmlink servers on loopback (different models), driven by the
+`openai` package: listing, streaming from each, preferences, failover before the first token,
+503 when everything is down and recovery; plus remote model management over gRPC.
+
+The tests in this module run in order and share the servers (they kill and restart them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from lmlink.client import Client, Completed, LoadProgress, ModelInfo, ResourceExhausted
+from lmlink.engine.loader import BUILTIN_MODEL_DIR
+from lmlink.link.router import NoServer, Router, Server
+from lmlink.v1 import inference_pb2 as pb
+from lmlink.v1 import inference_pb2_grpc as pb_grpc
+
+from conftest import ServerProcess, lmlink_cmd, start_server, stop_server
+
+ASK = [{"role": "user", "content": "Tell me about the river."}]
+
+
+def model_dir(root: Path, name: str) -> Path:
+    d = root / name
+    shutil.copytree(BUILTIN_MODEL_DIR, d)
+    return d
+
+
+def start_link(*servers: str, refresh: float = 30.0) -> tuple[subprocess.Popen, str]:
+    args = ["link", "--port", "0", "--no-discovery", "--json", "--refresh", str(refresh)]
+    for s in servers:
+        args += ["--server", s]
+    env = {k: v for k, v in os.environ.items() if k != "LMLINK_SERVER"}
+    proc = subprocess.Popen(lmlink_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"lmlink link exited: {proc.stderr.read() if proc.stderr else ''}")
+    return proc, json.loads(line)["url"]
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.alpha = model_dir(tmp, "alpha")
+        self.beta = model_dir(tmp, "beta")
+        self.a = self._serve("a", self.alpha)
+        self.b = self._serve("b", self.beta)
+        self.link, self.url = start_link(self.a.address, self.b.address)
+        self.oai = openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=60)
+
+    def _serve(self, name: str, model: Path, port: str = "0") -> ServerProcess:
+        return start_server("--no-mdns", "--name", f"srv-{name}", "--state-dir",
+                            str(self.tmp / f"state-{name}"), "--grpc-port", port, model=str(model))
+
+    def restart(self, which: str) -> None:
+        old = getattr(self, which)
+        port = old.address.rpartition(":")[2]
+        setattr(self, which, self._serve(which, self.alpha if which == "a" else self.beta, port))
+
+    def close(self) -> None:
+        for p in (self.link, self.a.process, self.b.process):
+            stop_server(p)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory) -> Iterator[Rig]:
+    r = Rig(tmp_path_factory.mktemp("link"))
+    yield r
+    r.close()
+
+
+def served_by(rig: Rig, model: str, **extra) -> tuple[str, str]:
+    raw = rig.oai.chat.completions.with_raw_response.create(
+        model=model, messages=ASK, max_tokens=8, **extra)
+    return raw.headers["x-lmlink-server"], raw.parse().choices[0].message.content
+
+
+def link_status(rig: Rig) -> dict:
+    return httpx.get(rig.url.removesuffix("/v1") + "/status", timeout=10).json()
+
+
+# ----- routing units (no servers) --------------------------------------------------------------
+
+
+def test_router_orders_by_preference_path_and_load():
+    r = Router()
+    near = r.add("127.0.0.1:1", name="near")
+    far = r.add("100.64.0.2:1", name="far", path="relayed")
+    busy = r.add("127.0.0.2:1", name="busy")
+    for s, ms, active in ((near, 2.0, 0), (far, 1.0, 0), (busy, 1.0, 3)):
+        s.up, s.models, s.latency_ms, s.active = True, ("m",), ms, active
+    assert [s.name for s in r.candidates("m")[0]] == ["near", "busy", "far"]  # direct before relayed
+    r.prefer = {"m": "far"}
+    assert [s.name for s in r.candidates("m")[0]] == ["far", "near", "busy"]
+    assert r.candidates("m@busy") == ([busy], True)
+    with pytest.raises(NoServer) as missing:
+        r.candidates("other")
+    assert missing.value.status == 404 and "near: m" in missing.value.message
+    for s in (near, far, busy):
+        s.up, s.error = False, "connection refused"
+    with pytest.raises(NoServer) as down:
+        r.candidates("m")
+    assert down.value.status == 503 and "127.0.0.1:1" in down.value.message
+
+
+def test_link_prefer_command_stores_the_preference(tmp_path):
+    env = {**os.environ, "LMLINK_CONFIG_DIR": str(tmp_path)}
+    out = subprocess.run(lmlink_cmd("link", "prefer", "qwen", "studio"), env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    from lmlink.link.config import load_link_config
+
+    assert load_link_config(tmp_path).prefer == {"qwen": "studio"}
+    subprocess.run(lmlink_cmd("link", "prefer", "qwen", "--clear"), env=env, timeout=30, check=True)
+    assert load_link_config(tmp_path).prefer == {}
+
+
+# ----- the link with real servers --------------------------------------------------------------
+
+
+def test_lists_every_model_on_every_server(rig):
+    ids = {m.id for m in rig.oai.models.list().data}
+    assert {"alpha", "beta", "alpha@srv-a", "beta@srv-b"} <= ids
+    cards = {m.id: m for m in rig.oai.models.list().data}
+    assert cards["alpha"].owned_by == "srv-a" and cards["beta@srv-b"].owned_by == "srv-b"
+
+
+@pytest.mark.parametrize("model,which", [("alpha", "a"), ("beta", "b")])
+def test_streams_from_each_server_end_to_end(rig, model, which):
+    server = getattr(rig, which)
+    with Client(server.address, timeout=60) as c:
+        direct = c.chat(ASK, model=model, max_tokens=16)
+    stream = rig.oai.chat.completions.create(model=model, messages=ASK, max_tokens=16,
+                                             stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == direct.text and chunks[-1].usage.completion_tokens == len(direct.token_ids)
+    assert chunks[0].model == model
+    whole = rig.oai.completions.create(model=model, prompt="Once upon a time", max_tokens=8)
+    assert whole.choices[0].text and whole.usage.completion_tokens <= 8
+    assert served_by(rig, model)[0] == f"srv-{which}"
+
+
+def test_unknown_model_is_an_openai_404(rig):
+    with pytest.raises(openai.NotFoundError) as err:
+        rig.oai.chat.completions.create(model="nope", messages=ASK, max_tokens=4)
+    assert "not loaded on any reachable server" in err.value.message
+
+
+def test_load_and_unload_over_grpc(rig, tmp_path):
+    with Client(rig.b.address, timeout=60) as c:
+        events = list(c.load_model(str(rig.alpha)))
+        progress = [e for e in events if isinstance(e, LoadProgress)]
+        assert [p.stage for p in progress][:2] == ["resolving", "resolving"] or progress
+        assert {"checking_memory", "loading", "starting", "ready"} <= {p.stage for p in progress}
+        assert isinstance(events[-1], ModelInfo) and events[-1].state == "loaded"
+        states = {m.id: m for m in c.list_models()}
+        assert states["alpha"].state == "loaded" and states["beta"].state == "loaded"
+        assert states["alpha"].memory_bytes > 0
+        assert states["lmlink-tiny"].state == "available"
+
+        # Unloading while a stream runs: wait (drain) for a short one ...
+        done: list[object] = []
+        t = threading.Thread(target=lambda: done.append(
+            c.chat(ASK, model="alpha", max_tokens=40, ignore_eos=True)))
+        t.start()
+        time.sleep(0.15)
+        result = c.unload_model("alpha", drain_timeout=30)
+        t.join(30)
+        assert result.cancelled_streams == 0 and done[0].finish_reason == "length"
+        assert {m.id: m.state for m in c.list_models()}["alpha"] == "available"
+
+        # ... or cancel a long one; it ends with finish_reason "cancelled", no error.
+        assert isinstance(list(c.load_model("alpha"))[-1], ModelInfo)  # by id, now "available"
+        stream = c.stream(messages=ASK, model="alpha", max_tokens=2000, ignore_eos=True)
+        events_seen: list[object] = []
+        t = threading.Thread(target=lambda: events_seen.extend(stream))
+        t.start()
+        time.sleep(0.3)
+        result = c.unload_model("alpha", drain_timeout=0.2)
+        t.join(10)
+        assert result.cancelled_streams == 1
+        assert isinstance(events_seen[-1], Completed) and events_seen[-1].finish_reason == "cancelled"
+        with pytest.raises(Exception, match="not loaded"):
+            c.chat(ASK, model="alpha", max_tokens=2)
+
+        # A model that would not fit is refused before anything is read.
+        huge = tmp_path / "huge"
+        shutil.copytree(BUILTIN_MODEL_DIR, huge)
+        with open(huge / "model.safetensors", "r+b") as f:
+            f.truncate(1 << 40)  # sparse: 1 TB on paper
+        with pytest.raises(ResourceExhausted, match="needs about .* available"):
+            list(c.load_model(str(huge)))
+        assert "huge" not in {m.id for m in c.list_models()}
+        assert isinstance(list(c.load_model("alpha"))[-1], ModelInfo)  # for the tests below
+
+
+def test_a_non_owner_may_not_load_or_unload(rig):
+    out = subprocess.run(lmlink_cmd("token", "create", "--name", "bob", "--as", "bob@example.com",
+                                    "--state-dir", str(rig.tmp / "state-b")),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    bob = [("authorization", f"Bearer {out.stdout.strip()}")]
+    with grpc.insecure_channel(rig.b.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for call in (lambda: list(stub.LoadModel(pb.LoadModelRequest(model="builtin"), metadata=bob,
+                                                  timeout=10)),
+                     lambda: stub.UnloadModel(pb.UnloadModelRequest(model="beta"), metadata=bob,
+                                              timeout=10)):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "only the owner" in err.value.details()
+    cli = subprocess.run(lmlink_cmd("models", "list", "--server", rig.b.address, "--json"),
+                         capture_output=True, text=True, timeout=30)
+    assert {m["id"] for m in json.loads(cli.stdout)} >= {"alpha", "beta"}
+
+
+def test_follows_a_preference(rig):
+    env = dict(os.environ)
+    ids = {m.id for m in rig.oai.models.list().data}
+    for _ in range(50):  # the link sees alpha on srv-b once it probes again
+        if "alpha@srv-b" in ids:
+            break
+        httpx.get(rig.url + "/models", timeout=10)
+        time.sleep(0.1)
+        ids = {m.id for m in rig.oai.models.list().data}
+    for target in ("srv-b", "srv-a", "srv-b"):
+        subprocess.run(lmlink_cmd("link", "prefer", "alpha", target), env=env, check=True,
+                       capture_output=True, timeout=30)
+        assert {served_by(rig, "alpha")[0] for _ in range(3)} == {target}
+    assert served_by(rig, "alpha@srv-a")[0] == "srv-a"  # a pin beats the preference
+
+
+def test_fails_over_before_the_first_token_when_a_server_is_killed(rig):
+    subprocess.run(lmlink_cmd("link", "prefer", "alpha", "srv-a"), check=True,
+                   capture_output=True, timeout=30)
+    before = link_status(rig)["failovers"]
+    os.killpg(rig.a.process.pid, signal.SIGKILL)
+    rig.a.process.wait(10)
+    # The link still believes srv-a is up (it probes every 30 s here): the request goes there
+    # first, fails before any token, and is retried on srv-b.
+    stream = rig.oai.chat.completions.create(model="alpha", messages=ASK, max_tokens=12,
+                                             stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    with Client(rig.b.address, timeout=60) as c:
+        assert text == c.chat(ASK, model="alpha", max_tokens=12).text  # once, not duplicated
+    assert link_status(rig)["failovers"] == before + 1
+    assert served_by(rig, "alpha")[0] == "srv-b"
+
+
+def test_503_when_every_server_is_down_then_recovers(rig):
+    os.killpg(rig.b.process.pid, signal.SIGKILL)
+    rig.b.process.wait(10)
+    with pytest.raises(openai.APIStatusError) as err:
+        rig.oai.chat.completions.create(model="alpha", messages=ASK, max_tokens=4)
+    assert err.value.status_code == 503
+    body = err.value.response.json()["error"]
+    assert body["type"] == "server_error" and body["code"] in ("no_server_reachable",
+                                                               "no_server_available")
+    assert rig.a.address in body["message"] and rig.b.address in body["message"]
+    health = httpx.get(rig.url.removesuffix("/v1") + "/health", timeout=10)
+    assert health.status_code == 503
+    assert rig.oai.models.list().data == []
+
+    rig.restart("a")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            who, text = served_by(rig, "alpha")
+            break
+        except openai.APIStatusError:
+            assert time.monotonic() < deadline, "the link did not recover"
+            time.sleep(0.2)
+    assert who == "srv-a" and text
