@@ -139,6 +139,7 @@ class ControlServer:
                     return
                 with self._connected:
                     prev_tokens, prev_seen = status.tokens, status.last_seen
+                    prev_message = status.message
                     status.last_seen = time.monotonic()
                     status.pid = int(msg.get("pid", status.pid))
                     status.state = msg.get("state", status.state)
@@ -151,7 +152,7 @@ class ControlServer:
                         rate = (status.tokens - prev_tokens) / dt
                         status.tokens_per_second = 0.5 * status.tokens_per_second + 0.5 * rate
                     self._connected.notify_all()
-                if self._on_progress and msg.get("message"):
+                if self._on_progress and msg.get("message") and status.message != prev_message:
                     self._on_progress(status)
         except (OSError, ValueError, KeyError):
             pass
