@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmlink.cli_access import add_parsers as add_access_parsers
 
     add_access_parsers(sub)  # share, token, usage
+    from lmlink.cluster.cli import add_parsers as add_cluster_parsers
+
+    add_cluster_parsers(sub)  # cluster up / check
     return parser
 
 
@@ -364,6 +367,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.name:
         options.name = args.name
     options.mdns = not args.no_mdns
+    options.cluster = getattr(args, "cluster_runtime", None)  # rank 0 of `lmlink cluster up`
     if args.idle_ttl < 0:
         raise CliError("--idle-ttl must not be negative")
     options.idle_ttl = args.idle_ttl
@@ -726,7 +730,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "share": lambda args: _access(args),
     "token": lambda args: _access(args),
     "usage": lambda args: _access(args),
+    "cluster": lambda args: _cluster(args),
 }
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from lmlink.cluster.cli import cmd_cluster
+
+    return cmd_cluster(args)
 
 
 def _access(args: argparse.Namespace) -> int:
