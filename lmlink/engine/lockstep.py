@@ -112,30 +112,38 @@ class DistributedBroadcaster:
         self.steps = 0
 
     def share(self, commands: StepCommands | None) -> StepCommands:
+        # On the generation stream: BatchGenerator keeps the next forward pass (with its own
+        # collectives) in flight while we decide; one stream keeps the collective order the
+        # same on every rank.
         import mlx.core as mx
+        from mlx_lm.generate import generation_stream as s
 
         self.steps += 1
         if self.rank == 0:
             assert commands is not None
             payload = commands.encode() if commands else b""
-            n = mx.distributed.all_sum(mx.array([len(payload)], dtype=mx.int32), group=self.group)
+            n = mx.distributed.all_sum(mx.array([len(payload)], dtype=mx.int32),
+                                       group=self.group, stream=s)
             mx.eval(n)
             if payload:
                 buf = mx.array(list(payload), dtype=mx.uint8)
-                mx.eval(mx.distributed.all_sum(buf, group=self.group))
+                mx.eval(mx.distributed.all_sum(buf, group=self.group, stream=s))
             return commands
-        n = mx.distributed.all_sum(mx.array([0], dtype=mx.int32), group=self.group).item()
+        n = mx.distributed.all_sum(mx.array([0], dtype=mx.int32), group=self.group,
+                                   stream=s).item()
         if n == 0:
             return StepCommands()
-        buf = mx.distributed.all_sum(mx.zeros((n,), dtype=mx.uint8), group=self.group)
+        buf = mx.distributed.all_sum(mx.zeros((n,), dtype=mx.uint8), group=self.group, stream=s)
         mx.eval(buf)
         return StepCommands.decode(bytes(memoryview(buf)))
 
     def finish(self) -> None:
         """The last collective of a run (every distributed run ends with a barrier)."""
         import mlx.core as mx
+        from mlx_lm.generate import generation_stream
 
-        mx.eval(mx.distributed.all_sum(mx.array([1], dtype=mx.int32), group=self.group))
+        mx.eval(mx.distributed.all_sum(mx.array([1], dtype=mx.int32), group=self.group,
+                                       stream=generation_stream))
 
 
 class LockstepError(RuntimeError):

