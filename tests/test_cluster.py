@@ -175,7 +175,11 @@ def test_killed_rank_fails_streams_and_cluster_restarts():
                     t_kill = time.monotonic()
         assert t_kill is not None and time.monotonic() - t_kill < 10
         assert "rank 1" in str(err.value)
-        assert client.health() == "NOT_SERVING"  # rank 0 still answers during the linger
+        # rank 0 still answers during the linger, and says it cannot serve
+        deadline = time.monotonic() + 1.5
+        while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.health() == "NOT_SERVING"
     c.proc.wait(30)
     assert c.proc.returncode == 1
     assert_gone(pids)
