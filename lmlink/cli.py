@@ -666,6 +666,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"served     {info.generated_tokens} tokens in {info.uptime_seconds:.0f} s uptime",
         f"you are    {c.login_name} via {c.source}" + (" (owner)" if c.is_owner else ""),
     ]
+    if info.ranks:
+        lines.append(f"cluster    {len(info.ranks)} ranks, {info.cluster_backend} backend, "
+                     f"{info.cluster_sharding}-parallel")
+        for r in info.ranks:
+            seen = f", heard {r.seconds_since_heartbeat:.1f} s ago" if r.rank else ""
+            lines.append(f"  rank {r.rank}   {r.host} ({r.address or 'local'}): {r.state}, "
+                         f"{_human_bytes(r.memory_bytes)} used, {r.tokens_per_second:.1f} tok/s"
+                         f"{seen}")
     print("\n".join(lines))
     return EXIT_OK
 

@@ -97,8 +97,10 @@ def test_models_and_status(server):
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
     assert info["health"] == "SERVING" and info["caller"]["is_owner"]
+    assert info["ranks"] == [] and info["cluster_backend"] == ""  # a single node: no cluster
     human = lmlink("status", "--server", server.address)
     assert "SERVING" in human.stdout and "you are" in human.stdout
+    assert "cluster" not in human.stdout
 
 
 @pytest.mark.parametrize(

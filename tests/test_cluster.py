@@ -140,8 +140,29 @@ def _check_cluster(name: str, reference: list[list[int]]) -> None:
         assert asyncio.run(_concurrent(c.address)) == reference
         # and once more, after the prompt cache saw these prompts (hits on every rank)
         assert asyncio.run(_concurrent(c.address)) == reference
+        _check_status(c.address, sharding=load_cluster(REPO / "cluster" / name).sharding)
     finally:
         down(c)
+
+
+def _check_status(address: str, sharding: str) -> None:
+    """`lmlink status --json` on rank 0 lists every rank from its heartbeats."""
+    r = subprocess.run(lmlink_cmd("status", "--server", address, "--json"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["cluster_backend"] == "mpi" and st["cluster_sharding"] == sharding
+    assert [x["rank"] for x in st["ranks"]] == [0, 1]
+    for x in st["ranks"]:
+        assert x["host"] == "local" and x["address"] == "127.0.0.1"
+        assert x["state"] == "ready" and x["memory_bytes"] > 0 and x["model_bytes"] > 0
+        assert x["tokens_per_second"] >= 0
+    assert st["ranks"][1]["seconds_since_heartbeat"] < 5
+    human = subprocess.run(lmlink_cmd("status", "--server", address),
+                           capture_output=True, text=True, timeout=60)
+    assert human.returncode == 0, human.stderr
+    assert f"2 ranks, mpi backend, {sharding}-parallel" in human.stdout
+    assert "rank 1   local (127.0.0.1): ready" in human.stdout
 
 
 def test_pipeline_2_ranks_match_single_process(reference):

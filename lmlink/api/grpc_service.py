@@ -59,6 +59,28 @@ class ServerFacts:
     started_at: float
 
 
+def _cluster_fields(engines: list[Any]) -> dict[str, Any]:
+    """Cluster mode (rank 0): backend, sharding and every rank as the heartbeats last said."""
+    for engine in engines:
+        facts = getattr(engine, "cluster", None)  # lmlink.cluster.rank.ClusterFacts
+        if facts is None:
+            continue
+        own_rate = engine.stats().recent_tokens_per_second  # also refreshes rank 0's memory
+        now = time.monotonic()
+        ranks = [
+            pb.RankInfo(
+                rank=r.rank, host=r.host, address=r.address, state=r.state, message=r.message,
+                memory_bytes=r.memory_bytes, model_bytes=r.model_bytes,
+                tokens_per_second=own_rate if r.rank == 0 else r.tokens_per_second,
+                seconds_since_heartbeat=0.0 if r.rank == 0 else max(0.0, now - r.last_seen),
+            )
+            for r in facts.ranks()
+        ]
+        return {"ranks": ranks, "cluster_backend": facts.backend,
+                "cluster_sharding": facts.sharding}
+    return {}
+
+
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(
         self,
@@ -216,6 +238,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 source=identity.source,
                 is_owner=identity.is_owner,
             ),
+            **_cluster_fields(self._registry.engines()),
         )
 
     async def Cancel(

@@ -65,6 +65,26 @@ class CallerInfo:
 
 
 @dataclass(frozen=True)
+class RankInfo:
+    """One rank of a cluster, as rank 0 last heard from it (its heartbeats)."""
+
+    rank: int
+    host: str
+    address: str
+    state: str
+    message: str
+    memory_bytes: int
+    model_bytes: int
+    tokens_per_second: float
+    seconds_since_heartbeat: float
+
+    @classmethod
+    def from_wire(cls, r: pb.RankInfo) -> "RankInfo":
+        return cls(r.rank, r.host, r.address, r.state, r.message, r.memory_bytes, r.model_bytes,
+                   r.tokens_per_second, r.seconds_since_heartbeat)
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     name: str
     version: str
@@ -79,6 +99,10 @@ class ServerInfo:
     generated_tokens: int
     recent_tokens_per_second: float
     caller: CallerInfo
+    # cluster mode only (empty on a single node)
+    ranks: tuple[RankInfo, ...] = ()
+    cluster_backend: str = ""
+    cluster_sharding: str = ""
 
     @classmethod
     def from_wire(cls, s: pb.ServerInfo) -> "ServerInfo":
@@ -99,4 +123,7 @@ class ServerInfo:
             CallerInfo(
                 c.login_name, c.display_name, c.node_name, tuple(c.tags), c.source, c.is_owner
             ),
+            ranks=tuple(RankInfo.from_wire(r) for r in s.ranks),
+            cluster_backend=s.cluster_backend,
+            cluster_sharding=s.cluster_sharding,
         )

@@ -193,7 +193,7 @@ class Identity(_message.Message):
     def __init__(self, login_name: _Optional[str] = ..., display_name: _Optional[str] = ..., node_name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., is_owner: _Optional[bool] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "listen_mode", "models", "active_streams", "queued_requests", "max_batch_size", "uptime_seconds", "platform", "generated_tokens", "caller", "recent_tokens_per_second")
+    __slots__ = ("name", "version", "protocol_version", "listen_mode", "models", "active_streams", "queued_requests", "max_batch_size", "uptime_seconds", "platform", "generated_tokens", "caller", "recent_tokens_per_second", "ranks", "cluster_backend", "cluster_sharding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,9 @@ class ServerInfo(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     RECENT_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_SHARDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -220,7 +223,32 @@ class ServerInfo(_message.Message):
     generated_tokens: int
     caller: Identity
     recent_tokens_per_second: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., listen_mode: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., active_streams: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., platform: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., recent_tokens_per_second: _Optional[float] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
+    cluster_backend: str
+    cluster_sharding: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., listen_mode: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., active_streams: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., platform: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., recent_tokens_per_second: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., cluster_backend: _Optional[str] = ..., cluster_sharding: _Optional[str] = ...) -> None: ...
+
+class RankInfo(_message.Message):
+    __slots__ = ("rank", "host", "address", "state", "message", "memory_bytes", "model_bytes", "tokens_per_second", "seconds_since_heartbeat")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    host: str
+    address: str
+    state: str
+    message: str
+    memory_bytes: int
+    model_bytes: int
+    tokens_per_second: float
+    seconds_since_heartbeat: float
+    def __init__(self, rank: _Optional[int] = ..., host: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., model_bytes: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
