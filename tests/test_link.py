@@ -289,3 +289,37 @@ def test_503_when_every_server_is_down_then_recovers(rig):
             assert time.monotonic() < deadline, "the link did not recover"
             time.sleep(0.2)
     assert who == "srv-a" and text
+
+
+def test_idle_ttl_unloads_only_idle_models():
+    from types import SimpleNamespace
+
+    from lmlink.engine.registry import ModelRegistry
+
+    class FakeEngine:
+        def __init__(self, name: str) -> None:
+            self.loaded = SimpleNamespace(id=name, aliases=(), context_length=8, memory_bytes=64,
+                                          path=Path("/models") / name)
+            self.model_id, self.busy, self.stopped = name, 0, False
+
+        def stats(self):
+            return SimpleNamespace(active=self.busy, queued=0)
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    reg = ModelRegistry()
+    idle, busy = FakeEngine("idle"), FakeEngine("busy")
+    reg.add(idle, idle_ttl=5)
+    reg.add(busy, idle_ttl=5)
+    busy.busy = 1
+    now = time.monotonic()
+    assert reg.idle_expired(now + 1) == []
+    assert reg.idle_expired(now + 6) == ["idle"]  # a model with a stream is never idle
+    entry = reg.begin_unload("idle")
+    with pytest.raises(Exception, match="being unloaded"):
+        reg.resolve("idle")
+    assert reg.finish_unload(entry) == 64 and idle.stopped
+    assert {e.id: e.state for e in reg.entries()} == {"idle": "available", "busy": "loaded"}
+    reg.default_idle_ttl = 0
+    assert reg.idle_expired(now + 100) == []  # busy stays: it was used at now + 6

@@ -105,8 +105,8 @@ class ModelRegistry:
             loaded = engine.loaded
             self._entries[model_id] = ModelEntry(
                 model_id, "loaded", spec or str(getattr(loaded, "path", "")) or model_id,
-                tuple(loaded.aliases), loaded.context_length, loaded.memory_bytes,
-                idle_ttl, engine,
+                tuple(getattr(loaded, "aliases", ())), getattr(loaded, "context_length", 0),
+                getattr(loaded, "memory_bytes", 0), idle_ttl, engine,
             )
 
     def resolve(self, name: str) -> Engine:
