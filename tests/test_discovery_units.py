@@ -164,3 +164,19 @@ def test_settings(tmp_path, monkeypatch):
         (tmp_path / "config.toml").write_text(bad + "\n")
         with pytest.raises(LmlinkError, match=why):
             load_settings(tmp_path)
+
+
+def test_merge_folds_a_slow_tailnet_check_into_the_confirmed_mdns_answer():
+    from lmlink.client.discovery import Endpoint, _merge
+
+    lan = Endpoint("100.87.0.1:47470", "mdns", origins=("mdns",), name="studio",
+                   fingerprint="sha256:aa", status="ok")
+    slow = Endpoint("100.87.0.1:47470", "tailnet", origins=("tailnet",), peer="studio.ts.net",
+                    status="unreachable")
+    other_cert = Endpoint("100.87.0.1:47470", "tailnet", origins=("tailnet",),
+                          fingerprint="sha256:bb", status="ok")
+    merged = _merge([lan, slow])
+    assert len(merged) == 1 and merged[0].origins == ("mdns", "tailnet")
+    assert merged[0].peer == "studio.ts.net"
+    # a confirmed server with another certificate at that address is a conflict: keep both
+    assert len(_merge([lan, other_cert])) == 2

@@ -528,9 +528,16 @@ def _merge(endpoints: list[Endpoint]) -> list[Endpoint]:
     configured entry that reached the same address and certificate. A configured default with
     nothing behind it is dropped (it was never "found")."""
     out: list[Endpoint] = []
-    lan = {(e.target, e.fingerprint): e for e in endpoints if e.origin == "mdns" and e.usable}
+    lan = {e.target: e for e in endpoints if e.origin == "mdns" and e.usable}
     for e in endpoints:
-        twin = lan.get((e.target, e.fingerprint)) if e.origin != "mdns" and e.usable else None
+        twin = lan.get(e.target) if e.origin != "mdns" else None
+        # Same address and certificate, or a check of the same address that merely did not
+        # finish (slow machine): the confirmed mDNS entry already proves that server.
+        if twin is not None and not (
+            (e.usable and e.fingerprint == twin.fingerprint)
+            or e.status in ("unverified", "unreachable")
+        ):
+            twin = None
         if twin is not None:
             twin.origins = (*twin.origins, *(o for o in e.origins if o not in twin.origins))
             twin.peer, twin.tags = twin.peer or e.peer, twin.tags or e.tags
