@@ -28,30 +28,34 @@ import sys, time, json, mlx.core as mx
 from mlx_lm.utils import sharded_load, load
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors
-path, sharding, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, sharding, n, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 g = mx.distributed.init()
 if g.size() > 1:
     model, tok = sharded_load(path, **({"pipeline_group": g} if sharding == "pipeline" else {"tensor_group": g}))
 else:
     model, tok = load(path)
+tok.eos_token_ids = set()  # like lmlink's ignore_eos: always generate n tokens
 prompt = tok.encode("Once upon a time")
-times = []
-for r in stream_generate(model, tok, prompt, max_tokens=n):
-    times.append(time.perf_counter())
+runs = []
+for _ in range(reps + 1):  # the first run warms up
+    times = []
+    for r in stream_generate(model, tok, prompt, max_tokens=n):
+        times.append(time.perf_counter())
+    # skip the first gap (it can include the last prefill chunk)
+    runs.append(1000 * (times[-1] - times[1]) / (len(times) - 2))
 if g.rank() == 0:
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    print(json.dumps({"tokens": len(times), "ms_per_token": 1000 * sum(gaps) / len(gaps)}), flush=True)
+    print(json.dumps({"tokens": len(times), "runs_ms_per_token": runs[1:]}), flush=True)
 mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
 '''
 
 
-def plain(ranks: int, sharding: str, tokens: int) -> dict:
+def plain(ranks: int, sharding: str, tokens: int, reps: int = 1) -> dict:
     from lmlink.engine.loader import BUILTIN_MODEL_DIR
 
     script = Path(tempfile.mkdtemp()) / "plain.py"
     script.write_text(PLAIN)
     env = {**os.environ, "MLX_MPI_LIBNAME": "libmpi.so.40", "OMPI_MCA_mpi_yield_when_idle": "1"}
-    cmd = [sys.executable, str(script), str(BUILTIN_MODEL_DIR), sharding, str(tokens)]
+    cmd = [sys.executable, str(script), str(BUILTIN_MODEL_DIR), sharding, str(tokens), str(reps)]
     if ranks > 1:
         mpirun = str(Path(sys.executable).parent / "mpirun")
         cmd = [mpirun, "--oversubscribe", "--allow-run-as-root", "-n", str(ranks), "-x",
@@ -62,9 +66,10 @@ def plain(ranks: int, sharding: str, tokens: int) -> dict:
     return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
 
 
-def lmlink(ranks: int, sharding: str, tokens: int, streams: int) -> dict:
+def lmlink(ranks: int, sharding: str, tokens: int, streams: int, reps: int = 1) -> dict:
     from conftest import start_server, stop_server
     from lmlink.client import AsyncClient, Client
+    from lmlink.client.events import TokenDelta
 
     if ranks == 1:
         srv = start_server("--no-mdns")
@@ -78,10 +83,17 @@ def lmlink(ranks: int, sharding: str, tokens: int, streams: int) -> dict:
     try:
         with Client(address, timeout=300) as client:
             client.complete("warm up", max_tokens=8, ignore_eos=True)
-            times = []
-            for _ in client.stream(prompt="Once upon a time", max_tokens=tokens, ignore_eos=True):
-                times.append(time.perf_counter())
-            gaps = [b - a for a, b in zip(times[2:], times[3:])]  # token events only
+            # (time, tokens) per TokenDelta: the server paces messages (10 ms), so one
+            # message can carry several tokens; per-token latency = span / tokens after the first
+            runs = []
+            for _ in range(reps):
+                deltas = []
+                for ev in client.stream(prompt="Once upon a time", max_tokens=tokens,
+                                        ignore_eos=True):
+                    if isinstance(ev, TokenDelta) and ev.token_ids:
+                        deltas.append((time.perf_counter(), len(ev.token_ids)))
+                n_after = sum(k for _, k in deltas[1:])
+                runs.append(1000 * (deltas[-1][0] - deltas[0][0]) / max(n_after, 1))
 
         async def many() -> float:
             async with AsyncClient(address, timeout=300) as ac:
@@ -90,28 +102,43 @@ def lmlink(ranks: int, sharding: str, tokens: int, streams: int) -> dict:
                                                          ignore_eos=True) for i in range(streams)))
                 return sum(len(g.token_ids) for g in got) / (time.perf_counter() - t0)
 
-        agg = asyncio.run(many())
+        aggs = [asyncio.run(many()) for _ in range(reps)]
     finally:
         stop()
-    return {"ms_per_token": 1000 * sum(gaps) / max(len(gaps), 1), "aggregate_tps": agg}
+    return {"runs_ms_per_token": runs, "aggregate_tps": aggs}
 
 
 def main() -> None:
+    import statistics
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--sharding", default="pipeline", choices=("pipeline", "tensor"))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="runs per configuration (min and median reported: shared machines are noisy)")
     a = ap.parse_args()
     for n in a.ranks:
-        p = plain(n, a.sharding, a.tokens)
-        l = lmlink(n, a.sharding, a.tokens, a.streams)
-        print(json.dumps({"ranks": n, "sharding": a.sharding,
-                          "mlx_lm_ms_per_token": round(p["ms_per_token"], 3),
-                          "lmlink_ms_per_token": round(l["ms_per_token"], 3),
-                          "overhead_pct": round(100 * (l["ms_per_token"] / p["ms_per_token"] - 1), 1),
-                          f"lmlink_aggregate_tps_{a.streams}_streams": round(l["aggregate_tps"], 1)}),
-              flush=True)
+        load0 = os.getloadavg()[0]
+        p = plain(n, a.sharding, a.tokens, a.repeat)
+        l = lmlink(n, a.sharding, a.tokens, a.streams, a.repeat)
+        pm, lm = p["runs_ms_per_token"], l["runs_ms_per_token"]
+        print(json.dumps({
+            "ranks": n, "sharding": a.sharding, "tokens": a.tokens, "repeat": a.repeat,
+            "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
+            "mlx_lm_ms_per_token_min": round(min(pm), 3),
+            "mlx_lm_ms_per_token_median": round(statistics.median(pm), 3),
+            "mlx_lm_tps_1_stream_best": round(1000 / min(pm), 1),
+            "lmlink_ms_per_token_min": round(min(lm), 3),
+            "lmlink_ms_per_token_median": round(statistics.median(lm), 3),
+            "lmlink_tps_1_stream_best": round(1000 / min(lm), 1),
+            "overhead_pct_min": round(100 * (min(lm) / min(pm) - 1), 1),
+            "overhead_pct_median": round(100 * (statistics.median(lm) / statistics.median(pm) - 1), 1),
+            f"lmlink_aggregate_tps_{a.streams}_streams_best": round(max(l["aggregate_tps"]), 1),
+            f"lmlink_aggregate_tps_{a.streams}_streams_median":
+                round(statistics.median(l["aggregate_tps"]), 1),
+        }), flush=True)
 
 
 if __name__ == "__main__":

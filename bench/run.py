@@ -286,7 +286,7 @@ def evaluate(result: dict, levels: list[int], per_rep: dict) -> None:
         if lv in levels:
             v = r[f"aggregate_{lv}"]
             targets.append({"target": f"aggregate tok/s at {lv} streams ≥ 1.25× mlx_lm.server",
-                            "measured": f"{v:.2f}× (pooled {r[f'aggregate_{lv}_pooled']:.2f}×)",
+                            "measured": f"{v:.3f}× (pooled {r[f'aggregate_{lv}_pooled']:.3f}×)",
                             "met": v >= 1.25})
     ttft = {lv: r[f"ttft_p50_{lv}"] for lv in levels}
     targets.append({
