@@ -69,7 +69,7 @@ def plain(ranks: int, sharding: str, tokens: int, reps: int = 1) -> dict:
 def lmlink(ranks: int, sharding: str, tokens: int, streams: int, reps: int = 1) -> dict:
     from conftest import start_server, stop_server
     from lmlink.client import AsyncClient, Client
-    from lmlink.client.events import TokenDelta
+    from lmlink.client.events import Completed
 
     if ranks == 1:
         srv = start_server("--no-mdns")
@@ -85,15 +85,19 @@ def lmlink(ranks: int, sharding: str, tokens: int, streams: int, reps: int = 1) 
             client.complete("warm up", max_tokens=8, ignore_eos=True)
             # (time, tokens) per TokenDelta: the server paces messages (10 ms), so one
             # message can carry several tokens; per-token latency = span / tokens after the first
+            # Per-token latency from the server's own timings (first token -> last token over
+            # the tokens after the first): the client's receive times are not usable on a loaded
+            # machine (a descheduled client reads a burst of buffered messages at once), and
+            # the server paces messages (10 ms), so one message can carry several tokens.
             runs = []
             for _ in range(reps):
-                deltas = []
+                done = None
                 for ev in client.stream(prompt="Once upon a time", max_tokens=tokens,
                                         ignore_eos=True):
-                    if isinstance(ev, TokenDelta) and ev.token_ids:
-                        deltas.append((time.perf_counter(), len(ev.token_ids)))
-                n_after = sum(k for _, k in deltas[1:])
-                runs.append(1000 * (deltas[-1][0] - deltas[0][0]) / max(n_after, 1))
+                    if isinstance(ev, Completed):
+                        done = ev
+                t, n = done.timings, done.usage.completion_tokens
+                runs.append((t.total_ms - t.time_to_first_token_ms) / max(n - 1, 1))
 
         async def many() -> float:
             async with AsyncClient(address, timeout=300) as ac:
