@@ -83,8 +83,6 @@ def lmlink(ranks: int, sharding: str, tokens: int, streams: int, reps: int = 1) 
     try:
         with Client(address, timeout=300) as client:
             client.complete("warm up", max_tokens=8, ignore_eos=True)
-            # (time, tokens) per TokenDelta: the server paces messages (10 ms), so one
-            # message can carry several tokens; per-token latency = span / tokens after the first
             # Per-token latency from the server's own timings (first token -> last token over
             # the tokens after the first): the client's receive times are not usable on a loaded
             # machine (a descheduled client reads a burst of buffered messages at once), and

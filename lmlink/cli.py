@@ -390,7 +390,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "listen": args.listen,
                         "tls_fingerprint": running.tls_fingerprint or None,
                     }
-                ),
+                )
+                + "\n",  # one write: cluster rank 0 emits progress lines from other threads
+                end="",
                 flush=True,
             )
         else:
