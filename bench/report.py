@@ -130,7 +130,8 @@ def markdown(result: dict) -> str:
                  "| per-request tok/s p50 (incl. TTFT) | aggregate tok/s |")
     lines.append("|---|---:|---:|---:|---:|---:|")
     for label, s in (
-        ("raw mlx-lm BatchGenerator (no engine, reference)", result["raw"]),
+        ("raw mlx-lm BatchGenerator (no engine; reference, timed once before the phases)",
+         result["raw"]),
         ("lmlink Engine in-process (threading sink)", result["phases"]["in-process"]["1"]),
         ("lmlink over gRPC (AsyncClient)", result["phases"]["lmlink"]["1"]),
     ):
