@@ -15,6 +15,8 @@ from typing import Iterator
 
 import pytest
 
+from support.procs import die_with_parent
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Servers started by tests keep their state (CA, shares, audit log) in a throwaway dir and
 # clients their pins and config, never in the user's real ones.
@@ -52,6 +54,7 @@ def start_server(*extra: str, model: str = TEST_MODEL, timeout: float = 60.0) ->
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=die_with_parent,
     )
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from support.procs import die_with_parent
+
 from conftest import REPO, lmlink_cmd
 from lmlink.client import AsyncClient, Client, Unavailable
 from lmlink.cluster.launch import _alive, descendants
@@ -53,6 +55,7 @@ def up(name: str, *extra: str, timeout: float = 60.0) -> Cluster:
         lmlink_cmd("cluster", "up", str(REPO / "cluster" / name), "--grpc-port", "0",
                    "--http-port", "0", "--json", "--no-mdns", *extra),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        preexec_fn=die_with_parent,
     )
     c = Cluster(proc)
     ready = threading.Event()

@@ -22,6 +22,8 @@ import httpx
 import openai
 import pytest
 
+from support.procs import die_with_parent
+
 from lmlink.client import Client, Completed, LoadProgress, ModelInfo, ResourceExhausted
 from lmlink.engine.loader import BUILTIN_MODEL_DIR
 from lmlink.link.router import NoServer, Router, Server
@@ -45,7 +47,8 @@ def start_link(*servers: str, refresh: float = 30.0) -> tuple[subprocess.Popen, 
         args += ["--server", s]
     env = {k: v for k, v in os.environ.items() if k != "LMLINK_SERVER"}
     proc = subprocess.Popen(lmlink_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env)
+                            text=True, start_new_session=True, env=env,
+                            preexec_fn=die_with_parent)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
