@@ -95,10 +95,12 @@ class ServerSet:
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop_all()
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
+        if exc_type is None:  # keep the logs (and lmlink's state dir) only when a run failed
+            shutil.rmtree(self.logdir, ignore_errors=True)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_all()
