@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from typing import Sequence
 
@@ -30,10 +31,13 @@ class EventQueue:
         self._items: deque[Event] = deque()
         self._ready = asyncio.Event()
         self._last_text_at = 0.0
+        # While the reader holds text back, the engine thread skips waking it (read there).
+        self._hold_until = 0.0
 
     def deliver(self, events: Sequence[Event]) -> None:
         self._items.extend(events)
-        self._hub._mark(self)
+        final = bool(events) and isinstance(events[-1], (Completed, Failed))
+        self._hub._mark(self, urgent=final)
 
     def _wake(self) -> None:
         self._ready.set()
@@ -47,9 +51,18 @@ class EventQueue:
             await self._ready.wait()
         pace = self._hub.pace
         if pace and self._last_text_at and not isinstance(self._items[-1], (Completed, Failed)):
-            hold = self._last_text_at + pace - self._hub.loop.time()
-            if hold > 0:
-                await asyncio.sleep(hold)
+            loop = self._hub.loop
+            hold_until = self._last_text_at + pace
+            if hold_until > loop.time():
+                # Sleep until the pace allows, unless the final event arrives first.
+                self._hold_until = hold_until
+                self._ready.clear()
+                timer = loop.call_at(hold_until, self._ready.set)
+                try:
+                    await self._ready.wait()
+                finally:
+                    timer.cancel()
+                    self._hold_until = 0.0
         items = list(self._items)
         for _ in range(len(items)):
             self._items.popleft()
@@ -66,17 +79,26 @@ class StreamHub:
         self.pace = pace
         self._lock = threading.Lock()
         self._dirty: list[EventQueue] = []
+        self._urgent: set[EventQueue] = set()
 
     def open(self) -> EventQueue:
         return EventQueue(self)
 
-    def _mark(self, queue: EventQueue) -> None:
+    def _mark(self, queue: EventQueue, *, urgent: bool = False) -> None:
         with self._lock:
             self._dirty.append(queue)
+            if urgent:
+                self._urgent.add(queue)
 
     def on_step(self) -> None:
         with self._lock:
             dirty, self._dirty = self._dirty, []
+            urgent, self._urgent = self._urgent, set()
+        if self.pace and dirty:
+            # A reader holding text back wakes on its own timer; waking it per step would
+            # cost the event loop a wake-up per token, which is what pacing saves.
+            now = time.monotonic()
+            dirty = [q for q in dirty if q in urgent or q._hold_until <= now]
         if dirty:
             try:
                 self.loop.call_soon_threadsafe(_wake_all, dirty)
