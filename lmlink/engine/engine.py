@@ -8,6 +8,7 @@ out through each request's `EventSink`, grouped per step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -17,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
@@ -56,6 +58,10 @@ class EngineConfig:
     default_max_tokens: int = 512
     prompt_cache_entries: int = 16
     prompt_cache_bytes: int = 1 << 30
+    # While streams are decoding, a new request may wait up to this long (scaled by how full
+    # the batch is) so that arrivals share one prefill pass and one merge into the batch:
+    # each pass stalls every running stream for about two decode steps. 0 = admit at once.
+    admit_window_s: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,10 @@ class Engine:
                         self.config.prefill_batch_size, self.config.max_batch_size
                     )
                     room -= len(self._live)
-                    admit = [self._incoming.popleft() for _ in range(min(room, len(self._incoming)))]
+                    n = min(room, len(self._incoming))
+                    if n and not self._admit_now(n):
+                        n = 0
+                    admit = [self._incoming.popleft() for _ in range(n)]
                     cancels, self._cancels = self._cancels, set()
                 try:
                     commands = self._decide(admit, cancels)
@@ -301,6 +310,23 @@ class Engine:
                 self._dead = EngineStopped(f"the engine stopped: {exc.__class__.__name__}")
         finally:
             self._fail_everything(self._dead or EngineStopped("the server is shutting down"))
+            # BatchGenerator leaves the next step queued with async_eval; finish it on this
+            # thread, or a process that exits normally afterwards can abort ("terminate called
+            # without an active exception").
+            with contextlib.suppress(Exception):
+                mx.synchronize()
+
+    def _admit_now(self, waiting: int) -> bool:
+        """Whether to admit the waiting requests this step (lock held).
+
+        Idle, or a full prefill batch waiting: at once. Otherwise the oldest may wait up to
+        `admit_window_s` times the batch's occupancy, so arrivals share a prefill pass.
+        """
+        cfg = self.config
+        if not self._live or waiting >= cfg.prefill_batch_size or cfg.admit_window_s <= 0:
+            return True
+        window = cfg.admit_window_s * len(self._live) / cfg.max_batch_size
+        return time.perf_counter() - self._incoming[0].submitted >= window
 
     def run_follower(self) -> None:
         """Ranks > 0: apply rank 0's commands step by step until it shuts the cluster down."""
