@@ -107,14 +107,18 @@ def markdown(result: dict) -> str:
     for name, settings in cfg["settings"].items():
         lines.append(f"- {name}: `{settings}`")
     lines.append("- client: mlx_lm.server via httpx SSE (`/v1/completions`, `stream: true`); "
-                 "lmlink via `lmlink.client.AsyncClient` (one gRPC channel)")
+                 "lmlink via `lmlink.client.AsyncClient` (one gRPC channel); "
+                 "lmlink HTTP: the same lmlink process through its OpenAI-compatible bridge, "
+                 "with the same httpx SSE client as mlx_lm.server")
     lines.append("")
     lines.append("| streams | server | requests | tokens/req | TTFT p50 ms | TTFT p95 ms "
                  "| per-stream tok/s p50 | aggregate tok/s | server CPU (cores) "
                  "| client CPU (cores) |")
     lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for level in cfg["levels"]:
-        for server in ("mlx_lm.server", "lmlink"):
+        for server in ("mlx_lm.server", "lmlink", "lmlink HTTP"):
+            if server not in result["phases"]:
+                continue
             s = result["phases"][server][str(level)]
             lines.append(
                 f"| {level} | {server} | {s['requests']} | {_f(s['tokens_per_request_mean'], 1)} "

@@ -40,7 +40,9 @@ from prompts import make_prompts  # noqa: E402
 from report import markdown, ratio, summarize, window_tokens  # noqa: E402
 
 LEVELS = [1, 8, 32]
-SERVERS = ("mlx_lm.server", "lmlink")
+SERVERS = ("mlx_lm.server", "lmlink", "lmlink HTTP")
+# "lmlink HTTP" is the same lmlink process driven through its OpenAI-compatible HTTP bridge
+# with the very client used for mlx_lm.server, so the two HTTP APIs compare like for like.
 INPROC = "in-process"
 # Best fair settings: both decode up to 32 streams together and prefill up to 8 prompts
 # at once, with the same prefill chunk and the same prompt-cache entry count.
@@ -183,7 +185,8 @@ async def drive(args: argparse.Namespace, servers: dict, worker: InprocWorker,
     from loadgen import LmlinkTarget, MlxLmTarget, run_phase, warm_up
 
     targets = {"mlx_lm.server": MlxLmTarget(servers["mlx_lm.server"].address),
-               "lmlink": LmlinkTarget(servers["lmlink"].address)}
+               "lmlink": LmlinkTarget(servers["lmlink"].address),
+               "lmlink HTTP": MlxLmTarget("http://" + servers["lmlink"].extra["http"])}
     try:
         raw = (await worker.ready(timeout=300))["raw"]
         took = {}
@@ -199,7 +202,7 @@ async def drive(args: argparse.Namespace, servers: dict, worker: InprocWorker,
         collected[INPROC] = {1: _new_slot()}
         collected["raw"] = raw
         stride = max(1, len(prompts) // (len(args.levels) * args.reps))
-        pids = [s.pid for s in (*servers.values(), worker.server)]
+        pids = sorted({s.pid for s in (*servers.values(), worker.server)})
         pid_of = {**{n: servers[n].pid for n in SERVERS}, INPROC: worker.server.pid}
         for li, level in enumerate(args.levels):
             contenders = [*SERVERS, INPROC] if level == 1 else list(SERVERS)
@@ -392,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             servers["mlx_lm.server"] = fleet.start_mlx_lm(
                 model_path, MAX_BATCH, PREFILL_BATCH, PREFILL_STEP, CACHE_ENTRIES)
             servers["lmlink"] = fleet.start_lmlink(model_path, MAX_BATCH)
+            servers["lmlink HTTP"] = servers["lmlink"]
             prompts_file = _temp_json({"prompts": prompts, "warmup": warmup})
             worker = InprocWorker(fleet.start_worker(INPROC, _worker_cmd(
                 "serve", model_path, prompts_file, args.max_tokens,

@@ -171,6 +171,7 @@ class ServerSet:
         info = json.loads(buf.split(b"\n", 1)[0])
         server.address = info["grpc"]
         server.extra["model_id"] = info.get("model")
+        server.extra["http"] = info.get("http")
         return server
 
     def start_mlx_lm(self, model_path: str, decode: int, prompt: int, prefill_step: int,
