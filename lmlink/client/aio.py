@@ -15,7 +15,7 @@ from ._wire import Message, build_request, decode_event
 from .errors import from_rpc_error
 from .events import Event, Generation
 from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load_event
-from .security import channel_security
+from .security import channel_settings
 from .sync import _CHANNEL_OPTIONS, resolve_target
 
 
@@ -70,14 +70,13 @@ class AsyncClient:
     ) -> None:
         self.target = resolve_target(target)
         self.timeout = timeout
-        opts = [*_CHANNEL_OPTIONS, *options]
-        self.fingerprint = ""
-        if credentials is None:
-            security = channel_security(
-                self.target, tls=tls, expected_fingerprint=expected_fingerprint
-            )
-            credentials, self.fingerprint = security.credentials, security.fingerprint
-            opts += security.options
+        credentials, opts, self.fingerprint = channel_settings(
+            self.target,
+            credentials,
+            [*_CHANNEL_OPTIONS, *options],
+            tls=tls,
+            expected_fingerprint=expected_fingerprint,
+        )
         self._channel = (
             grpc.aio.secure_channel(self.target, credentials, options=opts)
             if credentials is not None

@@ -75,3 +75,21 @@ def channel_security(
     return ChannelSecurity(
         pinned.channel_credentials(client_cert), pinned.channel_options(), pinned.fingerprint
     )
+
+
+def channel_settings(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: list[tuple[str, Any]],
+    *,
+    tls: bool | None,
+    expected_fingerprint: str | None,
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]], str]:
+    """(credentials, options, pinned fingerprint) for a client channel; shared by both clients.
+
+    Explicit credentials are used as given; otherwise `channel_security` decides.
+    """
+    if credentials is not None:
+        return credentials, options, ""
+    security = channel_security(target, tls=tls, expected_fingerprint=expected_fingerprint)
+    return security.credentials, [*options, *security.options], security.fingerprint

@@ -15,7 +15,7 @@ from ._wire import Message, build_request, decode_event
 from .errors import Cancelled, LmlinkError, from_rpc_error
 from .events import Event, Generation
 from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load_event
-from .security import channel_security
+from .security import channel_settings
 
 DEFAULT_TARGET = "127.0.0.1:47470"
 _CHANNEL_OPTIONS = [
@@ -72,14 +72,13 @@ class Client:
     ) -> None:
         self.target = resolve_target(target)
         self.timeout = timeout
-        opts = [*_CHANNEL_OPTIONS, *options]
-        self.fingerprint = ""
-        if credentials is None:
-            security = channel_security(
-                self.target, tls=tls, expected_fingerprint=expected_fingerprint
-            )
-            credentials, self.fingerprint = security.credentials, security.fingerprint
-            opts += security.options
+        credentials, opts, self.fingerprint = channel_settings(
+            self.target,
+            credentials,
+            [*_CHANNEL_OPTIONS, *options],
+            tls=tls,
+            expected_fingerprint=expected_fingerprint,
+        )
         self._channel = (
             grpc.secure_channel(self.target, credentials, options=opts)
             if credentials is not None
