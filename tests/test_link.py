@@ -326,3 +326,45 @@ def test_idle_ttl_unloads_only_idle_models():
     assert {e.id: e.state for e in reg.entries()} == {"idle": "available", "busy": "loaded"}
     reg.default_idle_ttl = 0
     assert reg.idle_expired(now + 100) == []  # busy stays: it was used at now + 6
+
+
+def test_routes_away_from_a_server_under_real_load(tmp_path):
+    """Two real servers with the same model; one is kept busy by direct clients. The link sees
+    the load in GetServerInfo and sends new requests to the idle one."""
+    dirs = [model_dir(tmp_path / side, "gamma") for side in ("x", "y")]
+    busy = start_server("--no-mdns", "--name", "busy", "--state-dir", str(tmp_path / "s1"),
+                        model=str(dirs[0]))
+    idle = start_server("--no-mdns", "--name", "idle", "--state-dir", str(tmp_path / "s2"),
+                        model=str(dirs[1]))
+    link = None
+    streams = []
+    try:
+        load = Client(busy.address, timeout=120)
+        for _ in range(4):  # long streams that keep `busy` loaded for the whole test
+            s = load.stream(prompt="Once upon a time", max_tokens=1900, ignore_eos=True)
+            it = iter(s)
+            next(it)  # Started: the request is on the server
+            streams.append((s, it))
+        link, url = start_link(busy.address, idle.address, refresh=0.3)
+        oai = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            seen = {d["server"]: d for d in httpx.get(url.removesuffix("/v1") + "/status",
+                                                      timeout=10).json()["servers"]}
+            if seen.get("busy", {}).get("active_streams", 0) >= 1 and seen.get("idle", {}).get("up"):
+                break
+            time.sleep(0.2)
+        assert seen["busy"]["active_streams"] >= 1, seen
+        who = set()
+        for _ in range(4):
+            raw = oai.chat.completions.with_raw_response.create(model="gamma", messages=ASK,
+                                                                 max_tokens=4)
+            who.add(raw.headers["x-lmlink-server"])
+        assert who == {"idle"}, who
+    finally:
+        for s, _ in streams:
+            s.cancel()
+        if link is not None:
+            stop_server(link)
+        stop_server(busy.process)
+        stop_server(idle.process)
