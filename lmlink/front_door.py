@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from lmlink import defaults
 from lmlink.access.gate import PolicyGate
 from lmlink.access.identity import Identity
 from lmlink.access.policy import Policy
@@ -33,8 +34,8 @@ class FrontDoorError(Exception):
 
 def default_state_dir() -> Path:
     """$LMLINK_STATE_DIR, else the platform's per-user state/app-support directory."""
-    if os.environ.get("LMLINK_STATE_DIR"):
-        return Path(os.environ["LMLINK_STATE_DIR"])
+    if os.environ.get(defaults.ENV_STATE_DIR):
+        return Path(os.environ[defaults.ENV_STATE_DIR])
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "lmlink"
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

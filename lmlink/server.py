@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lmlink import defaults
 from lmlink.api.gate import Gate
 from lmlink.api.grpc_service import InferenceService, ServerFacts
 from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
@@ -31,8 +32,8 @@ from lmlink.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("lmlink.server")
 
-DEFAULT_GRPC_PORT = 47470
-DEFAULT_HTTP_PORT = 47471
+DEFAULT_GRPC_PORT = defaults.GRPC_PORT
+DEFAULT_HTTP_PORT = defaults.HTTP_PORT
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
@@ -140,15 +141,17 @@ async def _serve_behind(
 
     server = grpc.aio.server(options=grpc_channel_options())
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    services = [SERVICE_NAME]
     if guard is not None and guard.access is not None:  # owner-only shares/tokens/usage
         from lmlink.api.admin_service import AdminService
-        from lmlink.v1 import admin_pb2_grpc
+        from lmlink.v1 import admin_pb2, admin_pb2_grpc
 
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(guard), server)
+        services.append(admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME),
         server,
     )

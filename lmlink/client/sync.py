@@ -12,21 +12,20 @@ from lmlink.v1 import inference_pb2 as pb
 from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
 from ._wire import Message, build_request, decode_event
+from lmlink import defaults
+
 from .errors import Cancelled, LmlinkError, from_rpc_error
 from .events import Event, Generation
 from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load_event
 from .security import channel_settings
 
-DEFAULT_TARGET = "127.0.0.1:47470"
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-]
+DEFAULT_TARGET = defaults.LOCAL_SERVER
+_CHANNEL_OPTIONS = list(defaults.CHANNEL_OPTIONS)
 
 
 def resolve_target(target: str | None) -> str:
     """Explicit target, else $LMLINK_SERVER, else the local default."""
-    return target or os.environ.get("LMLINK_SERVER") or DEFAULT_TARGET
+    return target or os.environ.get(defaults.ENV_SERVER) or DEFAULT_TARGET
 
 
 class GenerationStream:

@@ -20,9 +20,10 @@ from typing import Any, Callable, Literal, TypeVar
 
 import tslocal
 
+from lmlink import defaults
 from lmlink.access.identity import Identity
 
-SOCKET_ENV = "LMLINK_LOCALAPI_SOCKET"
+SOCKET_ENV = defaults.ENV_LOCALAPI_SOCKET
 
 T = TypeVar("T")
 

@@ -23,10 +23,11 @@ from typing import Any
 import grpc
 from cryptography import x509
 
+from lmlink import defaults
 from lmlink.net.files import private_dir, write_private
 from lmlink.net.tls import IssuedCert, fingerprint, first_cert_pem
 
-CONFIG_ENV = "LMLINK_CONFIG_DIR"
+CONFIG_ENV = defaults.ENV_CONFIG_DIR
 KNOWN_SERVERS = "known_servers.json"
 
 
