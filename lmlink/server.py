@@ -11,7 +11,8 @@ import logging
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
@@ -27,7 +28,14 @@ from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
 from lmlink.engine.loader import LoadedModel, load_model
 from lmlink.engine.registry import ModelRegistry
-from lmlink.front_door import FrontDoor, FrontDoorError, TailnetSettings, local_door, tailnet_door
+from lmlink.front_door import (
+    FrontDoor,
+    FrontDoorError,
+    TailnetSettings,
+    default_state_dir,
+    local_door,
+    tailnet_door,
+)
 from lmlink.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("lmlink.server")
@@ -57,6 +65,43 @@ class ServeOptions:
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
     cluster: Any = None  # cluster rank 0: has make_engine(progress) -> Engine (lmlink.cluster)
     idle_ttl: float = 0.0  # unload models idle this many seconds (0: never)
+
+    @classmethod
+    def from_args(cls, args: Any) -> "ServeOptions":
+        """From `lmlink serve` / `lmlink cluster up` flags (missing flags keep their default)."""
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        grpc_port = get("grpc_port", DEFAULT_GRPC_PORT)
+        http_port = get("http_port")
+        if http_port is None:  # not given: 47471, or any free port when gRPC takes any
+            http_port = 0 if grpc_port == 0 else DEFAULT_HTTP_PORT
+        state_dir = get("state_dir")
+        options = cls(
+            model=get("model") or "builtin",
+            listen=get("listen", "local"),
+            host=get("host") or "127.0.0.1",
+            grpc_port=grpc_port,
+            http_port=http_port,
+            engine=EngineConfig(
+                max_batch_size=get("max_batch", 32),
+                max_queue=get("max_queue", 1024),
+                default_max_tokens=max(1, get("default_max_tokens", 512)),
+            ),
+            stream_pace_ms=get("stream_pace_ms", 10.0),
+            tailnet=TailnetSettings(
+                state_dir=Path(state_dir) if state_dir else default_state_dir(),
+                localapi_socket=get("localapi_socket"),
+                require_client_cert=bool(get("require_client_cert", False)),
+                tsnet_hostname=get("tsnet_hostname") or "lmlink",
+                tsnet_auth_key_file=get("tsnet_auth_key_file"),
+                tsnet_control_url=get("tsnet_control_url"),
+            ),
+            audit_prompts=bool(get("audit_prompts", False)),
+            mdns=not get("no_mdns", False),
+            idle_ttl=get("idle_ttl", 0.0),
+        )
+        if get("name"):
+            options.name = get("name")
+        return options
 
 
 @dataclass
@@ -98,8 +143,14 @@ async def serve(
     on_progress: Callable[[str], None] | None = None,
     loaded: LoadedModel | None = None,
     gate: Gate | None = None,
+    cluster: Any = None,
 ) -> None:
-    """Run until SIGINT/SIGTERM (or the returned `stopped` event is set)."""
+    """Run until SIGINT/SIGTERM (or the returned `stopped` event is set).
+
+    `cluster`: rank 0 of `lmlink cluster up` passes its runtime (make_engine(progress)).
+    """
+    if cluster is not None:
+        options = replace(options, cluster=cluster)
     try:
         if options.listen == "local":
             door = local_door(options.host)
