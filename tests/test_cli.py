@@ -103,18 +103,10 @@ def test_models_and_status(server):
     assert "cluster" not in human.stdout
 
 
-@pytest.mark.parametrize(
-    "args, words",
-    [
-        (["--max-tokens", "-4", "hi"], "max_tokens"),
-        (["--model", "ghost", "hi"], "ghost"),
-        (["--temperature", "nan", "hi"], "finite"),
-    ],
-)
-def test_chat_bad_input_is_one_line(server, args, words):
-    result = lmlink("chat", "--server", server.address, *args)
+def test_chat_unknown_model_is_one_line(server):
+    result = lmlink("chat", "--server", server.address, "--model", "ghost", "hi")
     assert_one_line_error(result)
-    assert words in result.stderr
+    assert "ghost" in result.stderr
 
 
 def test_unreachable_server_is_one_line():
@@ -168,5 +160,5 @@ def test_enroll_issues_private_client_cert(tmp_path):
 
 def test_enroll_rejects_bad_device_name(tmp_path):
     result = lmlink("enroll", "../evil", "--state-dir", str(tmp_path), "--out", str(tmp_path))
-    assert_one_line_error(result)
+    assert_one_line_error(result, 2)
     assert not list(tmp_path.glob("*.key"))

@@ -128,10 +128,22 @@ def test_bad_input_on_a_fresh_state_dir_creates_nothing(tmp_path, capsys):
     d = tmp_path / "fresh"
     code, _, err = run(capsys, "share", "add", "alice", "--model", MODEL, "--state-dir", str(d))
     assert code == 2 and not d.exists()
+    # Reading a --state-dir that does not exist is an error (a typo must not look like an
+    # empty list), and it creates nothing.
+    for argv in (["share", "list"], ["token", "list"], ["usage", "--json"]):
+        code, out, err = run(capsys, *argv, "--state-dir", str(d))
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "no state dir" in err and not d.exists()
+
+
+def test_an_existing_empty_state_dir_lists_nothing(tmp_path, capsys):
+    d = tmp_path / "empty"
+    d.mkdir()
     code, out, _ = run(capsys, "share", "list", "--state-dir", str(d))
-    assert code == 0 and "no shares" in out and not d.exists()
+    assert code == 0 and "no shares" in out
     code, out, _ = run(capsys, "usage", "--json", "--state-dir", str(d))
-    assert code == 0 and json.loads(out)["rows"] == [] and not d.exists()
+    assert code == 0 and json.loads(out)["rows"] == []
+    assert list(d.iterdir()) == []
 
 
 def test_share_lifecycle_and_listing(state, capsys):

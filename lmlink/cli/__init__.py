@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve an MLX model privately and stream tokens from it over gRPC.",
         epilog="Run 'lmlink COMMAND --help' for a command's options.",
     )
+    parser.top_level = True
     parser.add_argument("--version", action="version", version=f"lmlink {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for group in GROUPS:

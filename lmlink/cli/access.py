@@ -237,8 +237,12 @@ def cmd_share(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(out["revoked"], indent=2))
         else:
+            wanted = set(args.models)
             for s in out["revoked"]:
-                print(f"revoked share #{s['id']} ({s['principal']}: {', '.join(s['models'])})")
+                models = [m for m in s["models"] if not wanted or m in wanted]
+                print(f"revoked share #{s['id']} ({s['principal']}: {', '.join(models)})")
+            for s in out.get("kept", []):
+                print(f"kept {', '.join(s['models'])} for {s['principal']} as share #{s['id']}")
         return EXIT_OK
     raise usage_error(f"unknown share action {action!r}")
 

@@ -32,9 +32,17 @@ def usage_error(message: str) -> CliError:
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (`lmlink chat: ...`) and exit code 2."""
 
+    top_level = False  # set on `lmlink` itself; subcommand parsers report their own extras
+
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and not self.top_level:  # name the subcommand: `lmlink share add: ...`
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
 
 
 # ----- argument types (argparse turns their ArgumentTypeError into a usage error) ----------
