@@ -63,7 +63,7 @@ def check_ports(options: Any) -> None:
             raise CliError(f"{exc}{hint}") from None
 
 
-def _human(line: str) -> None:
+def render_event(line: str) -> None:
     """Rank 0 talks to the launcher in JSON lines; a person sees sentences. Progress and
     failures are already said on stderr by the ranks and the launcher."""
     try:
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lmlink cluster {spec.name}: starting {spec.size} ranks ({spec.backend}, "
               f"{spec.sharding} parallel, {model})", file=sys.stderr)
     result = cluster_up(spec, encode_serve_options(options, args.log_level), linger=args.linger,
-                        out=None if args.json else _human)
+                        out=None if args.json else render_event)
     if result.code:
         raise CliError(result.failure)
     return EXIT_OK
