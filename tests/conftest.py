@@ -40,12 +40,18 @@ TIERS: dict[str, tuple[str, ...]] = {
     "test_serve_tailnet.py": ("netns", "real_tailnet"),
     "test_sharing_tailnet.py": ("netns", "real_tailnet"),
     "test_cluster.py": ("cluster", "slow"),
+    # Several servers per test, restarts, or timing measurements (10-55 s each here).
+    "test_link.py": ("slow",),
+    "test_link_latency.py": ("slow",),
+    "test_sharing_restart.py": ("slow",),
+    "test_builtin_model.py::test_build_script_is_deterministic": ("slow",),
 }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        for name in TIERS.get(item.path.name, ()):
+        test = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        for name in (*TIERS.get(item.path.name, ()), *TIERS.get(test, ())):
             item.add_marker(getattr(pytest.mark, name))
 
 
