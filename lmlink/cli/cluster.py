@@ -76,8 +76,6 @@ def render_event(line: str) -> None:
         scheme = "https" if event.get("tls_fingerprint") else "http"
         print(f"lmlink cluster serving {event.get('model')} on {event.get('grpc')} (HTTP: "
               f"{scheme}://{event.get('http')}/v1). Ctrl-C to stop.", file=sys.stderr, flush=True)
-    elif event["event"] == "error":
-        print(f"lmlink cluster: rank 0: {event.get('message')}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,8 +111,21 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"lmlink cluster {spec.name}: starting {spec.size} ranks ({spec.backend}, "
               f"{spec.sharding} parallel, {model})", file=sys.stderr)
+    errors: list[str] = []
+
+    def out(line: str) -> None:
+        if '"event": "error"' in line:  # rank 0 could not serve: that is the failure to report
+            try:
+                errors.append(str(json.loads(line).get("message")))
+            except (json.JSONDecodeError, AttributeError):
+                pass
+        if args.json:
+            print(line, flush=True)
+        else:
+            render_event(line)
+
     result = cluster_up(spec, encode_serve_options(options, args.log_level), linger=args.linger,
-                        out=None if args.json else render_event)
-    if result.code:
-        raise CliError(result.failure)
+                        out=out)
+    if result.code or errors:
+        raise CliError(f"rank 0: {errors[0]}" if errors else result.failure)
     return EXIT_OK

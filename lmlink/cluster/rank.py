@@ -266,9 +266,8 @@ def _serve(options: Any, runtime: Rank0, say: Callable[[str], None]) -> int:
                "tls_fingerprint": running.tls_fingerprint or None})
 
     try:
-        asyncio.run(serve(options, on_ready=on_ready, cluster=runtime))
+        asyncio.run(serve(options, on_ready=on_ready, on_progress=say, cluster=runtime))
     except (ServeError, EngineError, OSError, RuntimeError) as exc:
-        say(f"cannot serve: {exc}")
         _emit({"event": "error", "message": str(exc)})
         logging.shutdown()
         sys.stdout.flush()
