@@ -165,6 +165,32 @@ def test_share_lifecycle_and_listing(state, capsys):
     assert [s["status"] for s in json.loads(out)] == ["active", "revoked"]
 
 
+def test_revoking_one_model_keeps_the_others(tmp_path, capsys):
+    """`share revoke P --model qwen-7b` takes away qwen-7b only, never a `qwen-*` grant."""
+    d = str(tmp_path / "state")
+    assert run(capsys, "share", "add", "alice@example.com", "--model", "qwen-7b", "--model",
+               "qwen-*", "--tokens-per-day", "500", "--expires", "7d", "--state-dir", d)[0] == 0
+    assert run(capsys, "share", "add", "alice@example.com", "--model", "qwen-*",
+               "--state-dir", d)[0] == 0
+    assert run(capsys, "share", "add", "bob@example.com", "--model", "qwen-7b",
+               "--state-dir", d)[0] == 0
+    code, out, err = run(capsys, "share", "revoke", "alice@example.com", "--model", "qwen-7b",
+                         "--state-dir", d)
+    assert code == 0, err
+    assert "revoked share #1 (alice@example.com: qwen-7b)" in out and "kept qwen-*" in out
+    code, out, _ = run(capsys, "share", "list", "--json", "--state-dir", d)
+    active = {(s["principal"], tuple(s["models"])): s for s in json.loads(out)}
+    assert set(active) == {("alice@example.com", ("qwen-*",)), ("bob@example.com", ("qwen-7b",))}
+    kept = [s for s in json.loads(out) if s["principal"] == "alice@example.com"]
+    assert len(kept) == 2  # share #2 untouched, plus #1's qwen-* re-granted
+    renewed = next(s for s in kept if s["id"] == 4)
+    assert renewed["tokens_per_day"] == 500 and renewed["expires_at"]
+    # Nothing left to take for that model: one line, exit 1.
+    code, _, err = run(capsys, "share", "revoke", "alice@example.com", "--model", "qwen-7b",
+                       "--state-dir", d)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+
+
 def test_tokens_are_shown_once_and_stored_hashed(state, capsys):
     code, out, err = run(capsys, "token", "create", "--name", "laptop-script", "--as",
                          "bob@example.com", "--state-dir", str(state))
