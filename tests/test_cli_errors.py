@@ -231,3 +231,17 @@ def test_default_http_port_follows_grpc_port_0():
             stop_server(proc)
     finally:
         holder.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_cluster_ranks_that_cannot_load_end_without_tracebacks():
+    """A Hugging Face id is resolved by each rank (it may be cached there, not here): when it
+    is missing, every rank says so in a line and `cluster up` ends with one final line."""
+    result = lmlink("cluster", "up", "cluster/local-2-mpi.toml", "--model", "org/not-cached",
+                    "--grpc-port", "0", env={"HF_HUB_OFFLINE": "1"}, timeout=180)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "cannot start: model 'org/not-cached' is not in the local cache" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("lmlink cluster: ")
+    assert "{" not in result.stdout  # no raw JSON event lines without --json

@@ -205,9 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     level = argv[1] if len(argv) > 1 else "warning"
     logging.getLogger().setLevel(getattr(logging, level.upper(), logging.WARNING))
-    if rank == 0:
-        return _main_rank0(spec, group, options, say)
-    return _main_follower(spec, group, rank, options.model, options.engine, say)
+    try:
+        if rank == 0:
+            return _main_rank0(spec, group, options, say)
+        return _main_follower(spec, group, rank, options.model, options.engine, say)
+    except Exception as exc:  # noqa: BLE001 - one line per rank, never a traceback
+        say(f"cannot start: {exc}")
+        if rank == 0:
+            _emit({"event": "error", "message": str(exc)})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _main_rank0(spec: ClusterSpec, group: Any, options: Any, say: Callable[[str], None]) -> int:
