@@ -6,6 +6,7 @@ they must fail before anything is dialled or bound.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -85,7 +86,23 @@ USAGE = [  # exit 2: bad input, refused before anything is dialled, bound or wri
 
 
 @pytest.mark.parametrize("argv,words", USAGE, ids=[" ".join(a) for a, _ in USAGE])
-def test_usage_errors_exit_2(argv, words):
+def test_usage_errors_exit_2(argv, words, capsys, monkeypatch):
+    """In process (`main(argv)`, as the console script calls it) to keep the matrix fast; a
+    traceback would surface here as an exception. A sample runs as a real subprocess below."""
+    from lmlink.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert_one_line(subprocess.CompletedProcess(argv, code, out, err), 2, words)
+
+
+@pytest.mark.parametrize("argv,words", [USAGE[0], USAGE[5], USAGE[12], USAGE[-9]],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_usage_errors_from_the_real_entry_point(argv, words):
     assert_one_line(lmlink(*argv), 2, words)
 
 
