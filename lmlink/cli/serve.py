@@ -57,13 +57,6 @@ def add_serving_flags(p: argparse.ArgumentParser) -> None:
                    "local mode)")
 
 
-def http_port(args: argparse.Namespace) -> int:
-    """--http-port, else 47471 — or any free port when gRPC also takes any (port 0)."""
-    if args.http_port is not None:
-        return args.http_port
-    return 0 if args.grpc_port == 0 else defaults.HTTP_PORT
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
@@ -190,7 +183,10 @@ def run(args: argparse.Namespace) -> int:
         engine = running.registry.resolve("")
         if args.json:
             # One write: a line must never interleave with another thread's output.
-            sys.stdout.write(json.dumps(ready_event(running, engine.model_id, args.listen)) + "\n")
+            ready = {"event": "ready", "grpc": running.grpc_address, "http": running.http_address,
+                     "model": engine.model_id, "listen": args.listen,
+                     "tls_fingerprint": running.tls_fingerprint or None}
+            sys.stdout.write(json.dumps(ready) + "\n")
             sys.stdout.flush()
             return
         scheme = "https" if running.tls_fingerprint else "http"
@@ -214,14 +210,3 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     os._exit(EXIT_OK)
 
-
-def ready_event(running: object, model_id: str, listen: str) -> dict[str, object]:
-    """The one JSON line scripts (and the tests) wait for."""
-    return {
-        "event": "ready",
-        "grpc": getattr(running, "grpc_address"),
-        "http": getattr(running, "http_address"),
-        "model": model_id,
-        "listen": listen,
-        "tls_fingerprint": getattr(running, "tls_fingerprint") or None,
-    }
