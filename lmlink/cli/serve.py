@@ -162,6 +162,8 @@ def run_enroll(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    check_state_dir(_state_dir(args.state_dir))  # before the heavy imports: fail fast
+
     from rich.console import Console
 
     from lmlink.server import RunningServer, ServeOptions, serve
@@ -171,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     options = ServeOptions.from_args(args)
-    check_state_dir(options.tailnet.state_dir)
     console = Console(stderr=True)
     status = console.status(f"loading model {args.model} ...", spinner="dots")
 
