@@ -42,6 +42,21 @@ def _prog(args: argparse.Namespace) -> str:
     return f"lmlink {args.command}" + (f" {action}" if action else "")
 
 
+# Failures with a readable message: client errors, engine errors (bad model) and server
+# set-up errors (port in use). Looked up only if their module was imported: an exception
+# cannot be of a type that was never loaded, and `serve` must not import the server early.
+_EXPECTED = (("lmlink.client.errors", "LmlinkError"), ("lmlink.engine.types", "EngineError"),
+             ("lmlink.server", "ServeError"))
+
+
+def _expected(exc: BaseException) -> bool:
+    for module, name in _EXPECTED:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,24 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # grpc core prints its own multi-line errors to stderr; we report failures in one line.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from lmlink.client.errors import LmlinkError
-
-    expected: tuple[type[BaseException], ...] = (LmlinkError,)
-    if args.command in ("serve", "cluster"):
-        from lmlink.engine.types import EngineError
-        from lmlink.server import ServeError
-
-        expected += (EngineError, ServeError)
     try:
         return args.run(args)
     except CliError as exc:
         print(f"{_prog(args)}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except expected as exc:
-        print(f"{_prog(args)}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    except BrokenPipeError:  # `lmlink chat ... | head`
+        return EXIT_OK
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - only expected failures are caught, see _expected
+        if not _expected(exc):
+            raise
+        print(f"{_prog(args)}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
