@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lmlink.api.core import Core, ServerFacts
 from lmlink.api.gate import Gate
-from lmlink.api.grpc_service import InferenceService
+from lmlink.api.grpc_service import InferenceService, add_servicer
 from lmlink.api.http_bridge import BridgeOptions, HttpBridge
 from lmlink.api.http_shell import LOOPBACK_NAMES, HttpListener, bind_socket
 from lmlink.api.limits import open_guard
@@ -191,12 +191,12 @@ async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
     Yields (public address, set_health(serving)); health is NOT_SERVING until set.
     """
     server = grpc.aio.server(options=grpc_channel_options())
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core), server)
+    add_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, InferenceService(core), server)
     if core.guard.access is not None:  # owner-only shares/tokens/usage
         from lmlink.api.admin_service import AdminService
         from lmlink.v1 import admin_pb2_grpc
 
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(core.guard), server)
+        add_servicer(admin_pb2_grpc.add_AdminServicer_to_server, AdminService(core.guard), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -6,16 +6,17 @@ answer (or its `CallError`, with the error kind in trailing metadata) back to th
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, NoReturn
+from typing import Any, AsyncIterator, Callable, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from lmlink.v1 import inference_pb2 as pb
 from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
 from .convert import event_to_wire, request_from_wire
 from .core import Core, ServerSnapshot
-from .errors import CallError
+from .errors import CallError, ErrorKind
 from .limits import Caller
 from .models import LoadStep
 
@@ -25,6 +26,65 @@ async def abort(context: grpc.aio.ServicerContext, error: CallError) -> NoReturn
     await context.abort(error.grpc_status, error.message,
                         trailing_metadata=error.trailing_metadata())
     raise AssertionError("unreachable")  # context.abort raises
+
+
+class _Unparsed:
+    """A request whose bytes are not a valid message (e.g. a string that is not UTF-8)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def add_servicer(add: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
+    """Register `servicer` through its generated `add_*_to_server`, except that a request
+    that does not parse ends INVALID_ARGUMENT (grpc would answer UNKNOWN and log a traceback)."""
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass  # registered below, from the same method handlers
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            fixed = {name: _lenient(h) for name, h in handlers.items()}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, fixed),))
+            server.add_registered_method_handlers(service, fixed)
+
+    add(servicer, Capture())
+
+
+def _lenient(handler: Any) -> Any:
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Unparsed(str(exc))
+
+    def refuse(request: Any) -> CallError | None:
+        if isinstance(request, _Unparsed):
+            return CallError(ErrorKind.INVALID_ARGUMENT, f"the request is malformed: {request.reason}")
+        return None
+
+    if handler.unary_stream is not None:
+        behavior = handler.unary_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if (error := refuse(request)) is not None:
+                await abort(context, error)
+            async for item in behavior(request, context):
+                yield item
+
+        return handler._replace(request_deserializer=deserialize, unary_stream=stream)
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if (error := refuse(request)) is not None:
+                await abort(context, error)
+            return await unary(request, context)
+
+        return handler._replace(request_deserializer=deserialize, unary_unary=call)
+    return handler
 
 
 class InferenceService(pb_grpc.InferenceServicer):

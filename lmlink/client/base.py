@@ -69,8 +69,8 @@ class BaseClient:
     @staticmethod
     def _generate_request(messages: Sequence[Message] | None, prompt: str | None,
                           options: dict[str, Any]) -> pb.GenerateRequest:
-        request = build_request(messages=messages, prompt=prompt, **options)
         try:
+            request = build_request(messages=messages, prompt=prompt, **options)
             request.SerializeToString()  # proto strings are UTF-8: fail here, clearly
         except (UnicodeEncodeError, ValueError):
             raise InvalidArgument("the request contains text that is not valid Unicode "
