@@ -77,6 +77,34 @@ def test_hostile_requests_leave_nothing_held(small, kind):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 
 
+def test_huge_prompts_do_not_stall_anyone(small):
+    """3.9 MB over HTTP and 15 MB over gRPC: refused from their length, not after tokenizing
+    on the event loop (which held /health for seconds)."""
+    worst: list[float] = []
+    stop = threading.Event()
+
+    def watch_health() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            httpx.get(f"{small.http_url}/health", timeout=30)
+            worst.append(time.perf_counter() - t)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
+    try:
+        body = json.dumps({"prompt": "word " * 780_000}).encode()  # 3.9 MB
+        response = _post(small, "/v1/completions", body)
+        assert response.status_code == 400 and "context" in response.json()["error"]["message"]
+        with Client(small.address, timeout=60) as c:
+            with pytest.raises(InvalidArgument, match="context"):
+                c.complete("word " * 3_000_000, max_tokens=2)  # 15 MB
+    finally:
+        stop.set()
+        watcher.join()
+    assert worst and max(worst) < 1.0, f"/health took up to {max(worst):.2f} s"
+
+
 def test_lone_surrogate_through_the_grpc_client_and_the_wire(small):
     with Client(small.address, timeout=30) as c:
         with pytest.raises(InvalidArgument, match="not valid Unicode"):
