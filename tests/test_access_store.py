@@ -17,7 +17,8 @@ from lmlink.access.quotas import UsageMeter, Window
 from lmlink.access.shares import ShareError, parse_duration
 from lmlink.access.state import AccessState, principal_of
 from lmlink.access.store import SCHEMA_VERSION, Store, StoreError
-from lmlink.api.limits import Caller, Guard, Refusal, _Slots
+from lmlink.api.admission import Slots as _Slots
+from lmlink.api.limits import Caller, Guard, Refusal
 from lmlink.engine.types import Completed, GenerationRequest, SamplingOptions, TokenDelta
 
 

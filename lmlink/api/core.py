@@ -246,8 +246,9 @@ class Core:
             request_id = await _submit(engine, request, queue)
         except BaseException as exc:
             error = _submit_error(exc, engine.model_id)
-            lease.fail(error.message if error is not None else "the caller went away")
-            lease.close()
+            if error is not None:
+                lease.fail(error.message)
+            lease.close()  # (without a failure: recorded as the caller going away)
             if error is None:
                 raise
             raise error from None

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -40,21 +39,10 @@ from lmlink.access.state import AccessState, principal_of
 from lmlink.access.tokens import looks_like_token
 from lmlink.engine.types import Completed, Event, GenerationRequest, TokenDelta
 
-from .errors import CallError, ErrorKind
+from .admission import Refusal, Slots
 from .gate import Gate
 
 log = logging.getLogger("lmlink.access")
-
-class Refusal(CallError):
-    """Why a call may not (or no longer) proceed: a CallError with how the audit records it."""
-
-    def __init__(self, kind: str, message: str, *, retry_after: float | None = None,
-                 code: str | None = None, outcome: str = "denied") -> None:
-        extra = ({"retry_after_seconds": round(retry_after, 3)}
-                 if retry_after is not None else None)
-        super().__init__(kind, message, retry_after=retry_after, code=code or kind, extra=extra)
-        self.outcome = outcome  # how the audit trail records it
-
 
 class BearerVerifier(Protocol):
     """Maps a bearer token to the identity it was issued to (None: unknown). For servers that
@@ -80,89 +68,6 @@ def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 10 else f"{math.ceil(s)} s"
 
 
-# ----- fair admission ----------------------------------------------------------------------
-
-
-class _Slots:
-    """At most `capacity` running streams per engine; free slots go to the caller holding
-    the fewest (ties: the one waiting longest)."""
-
-    def __init__(self, capacity: int, max_waiting: int) -> None:
-        self.capacity = max(1, capacity)
-        self.max_waiting = max(0, max_waiting)
-        self.in_use = 0
-        self.running: dict[str, int] = {}
-        self.waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
-
-    @property
-    def queued(self) -> int:
-        return sum(len(q) for q in self.waiting.values())
-
-    def _take(self, principal: str) -> None:
-        self.in_use += 1
-        self.running[principal] = self.running.get(principal, 0) + 1
-
-    async def acquire(self, principal: str, on_wait: Callable[[asyncio.Future[None]], None]) -> None:
-        if self.in_use < self.capacity and not self.waiting:
-            self._take(principal)
-            return
-        idle = principal not in self.running and principal not in self.waiting
-        # A caller with nothing running or waiting always gets a place, so one caller filling
-        # the queue cannot turn everyone else away (at most one extra place per caller).
-        if self.queued >= self.max_waiting and not idle:
-            raise Refusal(ErrorKind.OVERLOADED,
-                          f"{self.queued} requests are already waiting for this model; retry shortly",
-                          retry_after=1.0, code="overloaded", outcome="rate_limited")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(principal, deque()).append(fut)
-        on_wait(fut)
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(principal)  # granted just as we were cancelled: give it back
-            else:
-                self._forget(principal, fut)
-            raise
-
-    def _forget(self, principal: str, fut: asyncio.Future[None]) -> None:
-        q = self.waiting.get(principal)
-        if q is not None:
-            with contextlib.suppress(ValueError):
-                q.remove(fut)
-            if not q:
-                del self.waiting[principal]
-
-    def reject(self, principal: str, fut: asyncio.Future[None], refusal: Refusal) -> None:
-        if not fut.done():
-            self._forget(principal, fut)
-            fut.set_exception(refusal)
-
-    def release(self, principal: str) -> None:
-        self.in_use -= 1
-        left = self.running.get(principal, 0) - 1
-        if left > 0:
-            self.running[principal] = left
-        else:
-            self.running.pop(principal, None)
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        while self.in_use < self.capacity and self.waiting:
-            # fewest running first; OrderedDict order (who has waited longest) breaks ties
-            principal = min(self.waiting, key=lambda p: self.running.get(p, 0))
-            q = self.waiting[principal]
-            fut = q.popleft()
-            if q:
-                self.waiting.move_to_end(principal)
-            else:
-                del self.waiting[principal]
-            if fut.done():
-                continue
-            self._take(principal)
-            fut.set_result(None)
-
-
 # ----- one call ----------------------------------------------------------------------------
 
 
@@ -181,7 +86,7 @@ class Lease:
         self.rec = rec
         self.refusal: Refusal | None = None
         self.state = "waiting"  # -> running -> done
-        self._slots: _Slots | None = None
+        self._slots: Slots | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._request_id = ""
         self.request: GenerationRequest | None = None  # what to submit (max_tokens within budget)
@@ -237,7 +142,7 @@ class Lease:
 
     # the guard calls these ---------------------------------------------------------------
 
-    async def take_slot(self, slots: _Slots) -> None:
+    async def take_slot(self, slots: Slots) -> None:
         """Wait (fairly) for a batch slot; the lease is `running` once it holds one."""
         self._slots = slots
 
@@ -295,7 +200,7 @@ class Guard:
         self.tailnet_recheck = tailnet_recheck
         self.flush_every = flush_every
         self.clock = clock
-        self._slots: dict[int, _Slots] = {}
+        self._slots: dict[int, Slots] = {}
         self._leases: set[Lease] = set()
         self._open: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -404,11 +309,11 @@ class Guard:
                 raise lease.refusal from None  # type: ignore[misc]
         return lease
 
-    def _slots_for(self, engine: Any) -> _Slots:
+    def _slots_for(self, engine: Any) -> Slots:
         slots = self._slots.get(id(engine))
         if slots is None:
             config = getattr(engine, "config", None)
-            slots = _Slots(getattr(config, "max_batch_size", 32), getattr(config, "max_queue", 1024))
+            slots = Slots(getattr(config, "max_batch_size", 32), getattr(config, "max_queue", 1024))
             self._slots[id(engine)] = slots
         return slots
 
