@@ -24,7 +24,7 @@ ENV_DIRECT_ONLY = "LMLINK_DIRECT_ONLY"  # refuse DERP-relayed tailnet paths
 ENV_WEIGHTS_DIR = "LMLINK_WEIGHTS_DIR"  # where cluster ranks cache weights fetched from rank 0
 ENV_CLUSTER_TOML = "LMLINK_CLUSTER_TOML"  # cluster file handed to every rank (base64)
 ENV_CLUSTER_LINGER = "LMLINK_CLUSTER_LINGER"
-ENV_CLUSTER_SERVE = "LMLINK_CLUSTER_SERVE"  # rank 0's ServeOptions (base64 JSON)
+ENV_ALLOWED_ORIGINS = "LMLINK_ALLOWED_ORIGINS"  # browser origins the HTTP bridge accepts
 
 # gRPC channel options shared by the sync and async clients.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -162,3 +162,18 @@ def test_enroll_rejects_bad_device_name(tmp_path):
     result = lmlink("enroll", "../evil", "--state-dir", str(tmp_path), "--out", str(tmp_path))
     assert_one_line_error(result, 2)
     assert not list(tmp_path.glob("*.key"))
+
+
+def test_cluster_ranks_get_the_same_serve_options():
+    """`cluster up` hands rank 0 its ServeOptions (no CLI in the rank): nothing is lost."""
+    import argparse
+
+    from lmlink.cluster.rank import decode_serve_options, encode_serve_options
+    from lmlink.server import ServeOptions
+
+    args = argparse.Namespace(model="builtin", listen="local", grpc_port=0, http_port=None,
+                              state_dir="/tmp/somewhere", max_batch=3, max_queue=7,
+                              default_max_tokens=9, name="studio", no_mdns=True)
+    options = ServeOptions.from_args(args)
+    assert options.http_port == 0 and options.engine.max_batch_size == 3 and not options.mdns
+    assert decode_serve_options(encode_serve_options(options)[0]) == options

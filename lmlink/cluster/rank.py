@@ -56,6 +56,8 @@ def decode_serve_options(blob: str) -> Any:
     tailnet = data["tailnet"]
     tailnet["state_dir"] = Path(tailnet["state_dir"])
     data["tailnet"] = TailnetSettings(**tailnet)
+    if "allowed_origins" in data:
+        data["allowed_origins"] = tuple(data["allowed_origins"])
     return ServeOptions(**data)
 
 
