@@ -177,3 +177,19 @@ def test_cluster_ranks_get_the_same_serve_options():
     options = ServeOptions.from_args(args)
     assert options.http_port == 0 and options.engine.max_batch_size == 3 and not options.mdns
     assert decode_serve_options(encode_serve_options(options)[0]) == options
+
+
+def test_tests_never_use_real_state_or_config_dirs():
+    """conftest forces scratch dirs even when the developer exported real ones."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, conftest; print(os.environ['LMLINK_STATE_DIR']); "
+             "print(os.environ['LMLINK_CONFIG_DIR']); print(os.environ.get('LMLINK_SERVER'))")
+    env = {**os.environ, "LMLINK_STATE_DIR": "/real/state", "LMLINK_CONFIG_DIR": "/real/config",
+           "LMLINK_SERVER": "studio:47470", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(__file__), timeout=60, check=True).stdout
+    state, config, server = out.split()
+    assert "lmlink-tests-" in state and "lmlink-tests-" in config and server == "None"
