@@ -47,8 +47,8 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 async def test_tokens_on_an_unidentified_connection(engine, tmp_path):
     state = AccessState.open(tmp_path, owner_login="owner@example.com")
-    owner_token, _ = state.tokens.create("laptop")
-    bob_token, _ = state.tokens.create("script", "bob@example.com")
+    owner_token, _owner_record = state.tokens.create("laptop")
+    bob_token, bob_record = state.tokens.create("script", "bob@example.com")
     async with guarded_bridge(engine, state) as url, httpx.AsyncClient(base_url=url) as h:
         missing = error_of(await h.get("/v1/models"), 401)
         assert missing["type"] == "authentication_error" and "Bearer" in missing["message"]
@@ -74,9 +74,10 @@ async def test_tokens_on_an_unidentified_connection(engine, tmp_path):
             except openai.AuthenticationError as exc:
                 assert "unknown or revoked" in str(exc)
     rows = state.store.query("SELECT login, source, credential, outcome FROM requests ORDER BY seq")
+    # both rows name bob's token by its id (never the secret), not the owner's
+    assert bob_record.id.startswith("tk_") and bob_record.id != _owner_record.id
     assert [tuple(r) for r in rows] == [
-        ("bob@example.com", "token", rows[0]["credential"], "denied"),
-        ("bob@example.com", "token", rows[0]["credential"], "completed"),
+        ("bob@example.com", "token", bob_record.id, "denied"),
+        ("bob@example.com", "token", bob_record.id, "completed"),
     ]
-    assert rows[0]["credential"].startswith("tk_")
     state.close()
