@@ -34,7 +34,7 @@ import pytest
 
 from support.localapi_standin import LocalAPIStandin, Node, Tailnet
 from support.netns import namespaces_left, require_root, run, wireguard_pair
-from test_net_netns import read_json_line, stop
+from support.procs import read_json_line, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"

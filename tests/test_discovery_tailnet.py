@@ -31,7 +31,7 @@ from lmlink.net.localapi import LocalAPI
 from lmlink.net.tailnet_discovery import tailnet_candidates
 from support.localapi_standin import LocalAPIStandin, Node, Tailnet
 from support.netns import namespaces_left, require_root, run
-from test_net_netns import read_json_line
+from support.procs import read_json_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "lmlink-tiny"

@@ -27,8 +27,9 @@ import pytest
 
 from lmlink.access.policy import CAPABILITY, GROUPS_CAPABILITY
 from support.localapi_standin import LocalAPIStandin, Node, Tailnet
+from support.tailnets import laptop, studio_tailnet
 from support.netns import namespaces_left, require_root, wireguard_pair
-from test_net_netns import read_json_line, stop
+from support.procs import read_json_line, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"
@@ -41,20 +42,14 @@ FLOOD_TOKENS = 160
 
 
 def the_tailnet() -> Tailnet:
-    me = Node("studio.tail1234.ts.net", [NODE], login_name="owner@example.com",
-              display_name="Owner", user_id=1)
-    peers = [
-        Node("owner-laptop.tail1234.ts.net", [SOURCES["owner"]], login_name="owner@example.com",
-             user_id=1),
-        Node("mate-laptop.tail1234.ts.net", [SOURCES["mate"]], login_name="mate@example.com",
-             user_id=2, cap_map={CAPABILITY: [{"models": [MODEL]}]}),
-        Node("bob-laptop.tail1234.ts.net", [SOURCES["bob"]], login_name="bob@example.com",
-             user_id=3),
-        Node("carol-laptop.tail1234.ts.net", [SOURCES["carol"]], login_name="carol@example.com",
-             user_id=4, cap_map={GROUPS_CAPABILITY: [{"groups": ["group:eng"]}]}),
+    return studio_tailnet(
+        NODE,
+        laptop("owner", SOURCES["owner"], 1),
+        laptop("mate", SOURCES["mate"], 2, cap_map={CAPABILITY: [{"models": [MODEL]}]}),
+        laptop("bob", SOURCES["bob"], 3),
+        laptop("carol", SOURCES["carol"], 4, cap_map={GROUPS_CAPABILITY: [{"groups": ["group:eng"]}]}),
         Node("ci.tail1234.ts.net", [SOURCES["ci"]], tags=["tag:ci"]),
-    ]
-    return Tailnet(me, peers, cert_domains=["studio.tail1234.ts.net"])
+    )
 
 
 def run_driver(pair, cfg_path: Path, tailnet: Tailnet, timeout: float) -> dict:
