@@ -17,7 +17,7 @@ from lmlink.access.quotas import UsageMeter, Window
 from lmlink.access.shares import ShareError, parse_duration
 from lmlink.access.state import AccessState, principal_of
 from lmlink.access.store import SCHEMA_VERSION, Store, StoreError
-from lmlink.api.limits import Caller, Guard, Refusal, _Slots
+from lmlink.api.limits import Caller, Guard, Refusal
 from lmlink.engine.types import Completed, GenerationRequest, SamplingOptions, TokenDelta
 
 
@@ -171,41 +171,6 @@ def test_audit_file_heals_a_torn_line_and_never_duplicates(tmp_path):
 # ----- fair admission ------------------------------------------------------------------------
 
 
-async def test_a_free_slot_goes_to_the_caller_holding_fewest():
-    slots = _Slots(capacity=2, max_waiting=100)
-    order: list[str] = []
-
-    async def take(who: str) -> None:
-        await slots.acquire(who, lambda fut: None)
-        order.append(who)
-
-    await take("heavy")
-    await take("heavy")
-    flood = [asyncio.ensure_future(take("heavy")) for _ in range(5)]
-    await asyncio.sleep(0)
-    newcomer = asyncio.ensure_future(take("light"))
-    await asyncio.sleep(0)
-    slots.release("heavy")
-    await asyncio.sleep(0)
-    assert order[-1] == "light"  # not the five heavy requests queued before it
-    for _ in range(5):
-        slots.release("heavy")
-        await asyncio.sleep(0)
-    await asyncio.gather(*flood, newcomer)
-    assert order.count("heavy") == 7
-
-
-async def test_waiting_queue_is_bounded():
-    slots = _Slots(capacity=1, max_waiting=1)
-    await slots.acquire("a", lambda f: None)
-    waiter = asyncio.ensure_future(slots.acquire("a", lambda f: None))
-    await asyncio.sleep(0)
-    with pytest.raises(Refusal) as info:
-        await slots.acquire("b", lambda f: None)
-    assert info.value.kind == "resource_exhausted"
-    waiter.cancel()
-
-
 @dataclass
 class FakeConfig:
     max_batch_size: int = 1
@@ -234,6 +199,65 @@ class FakeGate:
 
     def check(self, identity, action, model=""):
         return self.state.policy.check(identity, action, model or None)
+
+
+async def _admission_guard(tmp_path, capacity: int, max_queue: int):
+    state = AccessState.open(tmp_path)
+    for login in ("heavy@example.com", "light@example.com"):
+        state.shares.add(login, ["tiny"])
+    engine = FakeEngine()
+    engine.config.max_batch_size, engine.config.max_queue = capacity, max_queue
+    return state, Guard(FakeGate(state), state), engine
+
+
+async def test_a_free_slot_goes_to_the_caller_holding_fewest(tmp_path):
+    """Through the guard's public admit/close: a newcomer takes the next free slot ahead of
+    the flood queued before it."""
+    state, guard, engine = await _admission_guard(tmp_path, capacity=2, max_queue=100)
+    order: list[str] = []
+    leases: list = []
+
+    async def take(login: str) -> None:
+        req = GenerationRequest(f"{login}-{len(order)}", prompt="x")
+        leases.append(await guard.admit(Caller(who(login)), engine, req, "grpc"))
+        order.append(login)
+
+    await take("heavy@example.com")
+    await take("heavy@example.com")
+    flood = [asyncio.ensure_future(take("heavy@example.com")) for _ in range(5)]
+    await asyncio.sleep(0)
+    newcomer = asyncio.ensure_future(take("light@example.com"))
+    await asyncio.sleep(0)
+    assert len(order) == 2  # everyone else waits for a slot
+    leases[0].close()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert order[-1] == "light@example.com"  # not the five heavy requests queued before it
+    for i in range(1, 6):  # each close frees the slot the next queued heavy request takes
+        leases[i].close()
+        for _ in range(3):
+            await asyncio.sleep(0)
+    await asyncio.gather(*flood, newcomer)
+    assert order.count("heavy@example.com") == 7
+    for lease in leases:
+        lease.close()
+    state.close()
+
+
+async def test_waiting_queue_is_bounded(tmp_path):
+    state, guard, engine = await _admission_guard(tmp_path, capacity=1, max_queue=1)
+    first = await guard.admit(Caller(who("heavy@example.com")), engine,
+                              GenerationRequest("a", prompt="x"), "grpc")
+    waiter = asyncio.ensure_future(guard.admit(Caller(who("heavy@example.com")), engine,
+                                               GenerationRequest("b", prompt="x"), "grpc"))
+    await asyncio.sleep(0)
+    with pytest.raises(Refusal) as info:
+        await guard.admit(Caller(who("light@example.com")), engine,
+                          GenerationRequest("c", prompt="x"), "grpc")
+    assert info.value.kind == "resource_exhausted"
+    waiter.cancel()
+    first.close()
+    state.close()
 
 
 async def test_guard_quota_clamp_cut_and_revocation_while_waiting(tmp_path):
@@ -311,11 +335,10 @@ def test_recovery_leaves_a_live_servers_requests_alone(tmp_path):
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path):
-    from lmlink.access.store import MIGRATIONS, _statements
+    from lmlink.access.store import MIGRATIONS
 
     db = sqlite3.connect(tmp_path / "state.db")
-    for statement in _statements(MIGRATIONS[0]):
-        db.execute(statement)
+    db.executescript(MIGRATIONS[0])  # a database as version 1 left it
     db.execute("INSERT INTO shares (principal, models, actions, created_at, created_by)"
                " VALUES ('a@x', '[\"m\"]', '[\"generate\"]', 1.0, 'owner')")
     db.execute("PRAGMA user_version=1")
