@@ -17,7 +17,7 @@ from lmlink.access.quotas import UsageMeter, Window
 from lmlink.access.shares import ShareError, parse_duration
 from lmlink.access.state import AccessState, principal_of
 from lmlink.access.store import SCHEMA_VERSION, Store, StoreError
-from lmlink.api.limits import Caller, Guard, Refusal
+from lmlink.api.limits import Caller, Guard, Refusal, _Slots  # _Slots: see the queue test
 from lmlink.engine.types import Completed, GenerationRequest, SamplingOptions, TokenDelta
 
 
@@ -244,20 +244,15 @@ async def test_a_free_slot_goes_to_the_caller_holding_fewest(tmp_path):
     state.close()
 
 
-async def test_waiting_queue_is_bounded(tmp_path):
-    state, guard, engine = await _admission_guard(tmp_path, capacity=1, max_queue=1)
-    first = await guard.admit(Caller(who("heavy@example.com")), engine,
-                              GenerationRequest("a", prompt="x"), "grpc")
-    waiter = asyncio.ensure_future(guard.admit(Caller(who("heavy@example.com")), engine,
-                                               GenerationRequest("b", prompt="x"), "grpc"))
+async def test_waiting_queue_is_bounded():
+    slots = _Slots(capacity=1, max_waiting=1)
+    await slots.acquire("a", lambda f: None)
+    waiter = asyncio.ensure_future(slots.acquire("a", lambda f: None))
     await asyncio.sleep(0)
     with pytest.raises(Refusal) as info:
-        await guard.admit(Caller(who("light@example.com")), engine,
-                          GenerationRequest("c", prompt="x"), "grpc")
+        await slots.acquire("b", lambda f: None)
     assert info.value.kind == "resource_exhausted"
     waiter.cancel()
-    first.close()
-    state.close()
 
 
 async def test_guard_quota_clamp_cut_and_revocation_while_waiting(tmp_path):
