@@ -112,6 +112,15 @@ def test_sharing_over_the_tailnet(tmp_path):
         assert server.returncode == 0, err[-3000:]
     elapsed = time.monotonic() - t0
     print(json.dumps(report, indent=1))
+    print("sharing timings:", json.dumps({
+        "local_revoke_cut_s": report["share_use_revoke"]["stream"]["ended_after"],
+        "local_revoke_cli_s": report["share_use_revoke"]["revoke"]["seconds"],
+        "remote_revoke_cut_s": report["http_revoke"]["seconds_after_revoke"],
+        "tailnet_grant_cut_s": report["tailnet_grant_removed"]["stream"]["ended_after"],
+        "expiry_cut_after_add_s": report["group_share_expires"]["stream"]["ended_after"],
+        "probe_ttft_s": report["fairness"]["probe_ttft"],
+        "one_generation_s": report["fairness"]["one_generation"],
+        "flood_total_s": report["fairness"]["flood_total"]}))
 
     # 1. local share: denied -> shared -> use -> revoked mid-stream -> denied
     s = report["share_use_revoke"]
@@ -123,7 +132,8 @@ def test_sharing_over_the_tailnet(tmp_path):
     cut = s["stream"]
     assert cut["code"] == "PERMISSION_DENIED" and "access revoked" in cut["message"], cut
     assert cut["tokens"] < 1500
-    assert cut["ended_after"] < 1.5, cut  # revocation reaches a running stream within a tick
+    # README: a stream ends at most ~0.12 s after `share revoke` returns (measured -0.08-0.12)
+    assert cut["ended_after"] < 0.5, cut
     assert s["after_revoke"]["code"] == "PERMISSION_DENIED"
 
     # 2. the same over HTTPS with the openai client, the owner sharing/revoking remotely
@@ -131,7 +141,7 @@ def test_sharing_over_the_tailnet(tmp_path):
     assert h["add_remote"]["rc"] == 0, h["add_remote"]
     assert h["revoke_remote"]["rc"] == 0, h["revoke_remote"]
     assert h["error"] and "access revoked" in h["error"]["message"], h
-    assert h["seconds_after_revoke"] < 1.5, h
+    assert h["seconds_after_revoke"] < 0.5, h  # measured 0.08-0.12 s
     assert h["after"]["status"] == 403
     assert h["after"]["body"]["error"]["type"] == "permission_error"
 
@@ -139,7 +149,7 @@ def test_sharing_over_the_tailnet(tmp_path):
     t = report["tailnet_grant_removed"]
     assert t["before"] == {"ok": 16, "finish": "length"}
     assert t["stream"]["code"] == "PERMISSION_DENIED", t["stream"]
-    assert t["stream"]["ended_after"] < 3.5, t["stream"]  # re-checked every 2 s
+    assert t["stream"]["ended_after"] < 3.0, t["stream"]  # re-checked every 2 s; 1.0-2.45 s
     assert t["after"]["code"] == "PERMISSION_DENIED"  # and on each new call
 
     # 4. a group share that expires while carol streams
@@ -148,7 +158,8 @@ def test_sharing_over_the_tailnet(tmp_path):
     assert g["add"]["rc"] == 0 and json.loads(g["add"]["out"])["kind"] == "group"
     assert g["during"] == {"ok": 16, "finish": "length"}
     assert g["stream"]["code"] == "PERMISSION_DENIED", g["stream"]
-    assert 2.5 < g["stream"]["ended_after"] < 4.5, g["stream"]  # expires 3 s after `add`
+    # expires 3 s after `add` ran (measured from its return: 2.65-2.9 s)
+    assert 2.5 < g["stream"]["ended_after"] < 3.5, g["stream"]
     assert g["after"]["code"] == "PERMISSION_DENIED"
 
     # 5. quota: 30 tokens per (4 s) minute for tag:ci
