@@ -33,29 +33,14 @@ from lmlink.v1 import inference_pb2 as pb
 from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
 from conftest import ServerProcess, lmlink_cmd, start_server, stop_server
+from support.link import ASK, start_link
 
-ASK = [{"role": "user", "content": "Tell me about the river."}]
 
 
 def model_dir(root: Path, name: str) -> Path:
     d = root / name
     shutil.copytree(BUILTIN_MODEL_DIR, d)
     return d
-
-
-def start_link(*servers: str, refresh: float = 30.0) -> tuple[subprocess.Popen, str]:
-    args = ["link", "--port", "0", "--no-discovery", "--json", "--refresh", str(refresh)]
-    for s in servers:
-        args += ["--server", s]
-    env = {k: v for k, v in os.environ.items() if k != "LMLINK_SERVER"}
-    proc = subprocess.Popen(lmlink_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env,
-                            preexec_fn=die_with_parent)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"lmlink link exited: {proc.stderr.read() if proc.stderr else ''}")
-    return proc, json.loads(line)["url"]
 
 
 class Rig:
