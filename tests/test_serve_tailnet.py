@@ -24,6 +24,7 @@ from lmlink.net.listeners import listening_sockets
 from support.localapi_standin import LocalAPIStandin, Tailnet
 from support.tailnets import laptop, studio_tailnet
 from support.netns import namespaces_left, require_root, wireguard_pair
+from support.checks import one_line_error
 from support.procs import read_json_line, stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,13 +171,8 @@ def run_serve(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def one_line_failure(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 1, (res.returncode, res.stderr)
     assert res.stdout == ""  # no ready line
-    assert "Traceback" not in res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("lmlink serve: ")
-    return lines[0]
+    return one_line_error(res, "serve")
 
 
 def test_tailscaled_without_localapi_fails_in_one_line(tmp_path):

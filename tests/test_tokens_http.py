@@ -3,7 +3,6 @@ the openai package): missing or bad token -> 401 in OpenAI's shape; a token name
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any, AsyncIterator
 
@@ -12,30 +11,16 @@ import openai
 
 from lmlink.access.gate import PolicyGate
 from lmlink.access.state import AccessState
-from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
 from lmlink.api.limits import Guard
-from lmlink.api.streams import StreamHub
-from lmlink.engine.registry import ModelRegistry
+from support.inprocess import http_bridge
 
 
 @contextlib.asynccontextmanager
 async def guarded_bridge(engine: Any, state: AccessState) -> AsyncIterator[str]:
     """Like a tailnet server's private loopback port dialed directly: nobody is identified."""
-    hub = StreamHub(asyncio.get_running_loop())
-    engine.add_step_listener(hub.on_step)
-    registry = ModelRegistry()
-    registry.add(engine)
     gate: Any = PolicyGate(lambda peer: None, state.policy)
-    guard = Guard(gate, state)
-    listener = HttpListener(HttpBridge(registry, hub, gate, guard=guard).app(),
-                            bind_socket("127.0.0.1", 0))
-    await listener.start()
-    guard.start()
-    try:
-        yield f"http://{listener.address}"
-    finally:
-        await guard.aclose()
-        await listener.stop()
+    async with http_bridge(engine, gate, guard=Guard(gate, state)) as (url, _):
+        yield url
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
