@@ -2,7 +2,8 @@
 `openai` package: listing, streaming from each, preferences, failover before the first token,
 503 when everything is down and recovery; plus remote model management over gRPC.
 
-The tests in this module run in order and share the servers (they kill and restart them).
+The tests in this module share the servers (some kill and restart them); each first puts the
+rig in the state it needs (`Rig.ready`), so every test also passes when run alone.
 """
 
 from __future__ import annotations
