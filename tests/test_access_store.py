@@ -17,7 +17,8 @@ from lmlink.access.quotas import UsageMeter, Window
 from lmlink.access.shares import ShareError, parse_duration
 from lmlink.access.state import AccessState, principal_of
 from lmlink.access.store import SCHEMA_VERSION, Store, StoreError
-from lmlink.api.limits import Caller, Guard, Refusal, _Slots  # _Slots: see the queue test
+from lmlink.api.admission import Slots
+from lmlink.api.limits import Caller, Guard, Refusal
 from lmlink.engine.types import Completed, GenerationRequest, SamplingOptions, TokenDelta
 
 
@@ -171,6 +172,50 @@ def test_audit_file_heals_a_torn_line_and_never_duplicates(tmp_path):
 # ----- fair admission ------------------------------------------------------------------------
 
 
+async def test_a_free_slot_goes_to_the_caller_holding_fewest():
+    slots = Slots(capacity=2, max_waiting=100)
+    order: list[str] = []
+
+    async def take(who: str) -> None:
+        await slots.acquire(who, lambda fut: None)
+        order.append(who)
+
+    await take("heavy")
+    await take("heavy")
+    flood = [asyncio.ensure_future(take("heavy")) for _ in range(5)]
+    await asyncio.sleep(0)
+    newcomer = asyncio.ensure_future(take("light"))
+    await asyncio.sleep(0)
+    slots.release("heavy")
+    await asyncio.sleep(0)
+    assert order[-1] == "light"  # not the five heavy requests queued before it
+    for _ in range(5):
+        slots.release("heavy")
+        await asyncio.sleep(0)
+    await asyncio.gather(*flood, newcomer)
+    assert order.count("heavy") == 7
+
+
+async def test_waiting_queue_is_bounded_but_keeps_a_place_for_an_idle_caller():
+    slots = Slots(capacity=1, max_waiting=1)
+    await slots.acquire("a", lambda f: None)
+    waiter = asyncio.ensure_future(slots.acquire("a", lambda f: None))
+    await asyncio.sleep(0)
+    with pytest.raises(Refusal) as info:  # the queue is full for "a" ...
+        await slots.acquire("a", lambda f: None)
+    assert info.value.kind == "overloaded"
+    other = asyncio.ensure_future(slots.acquire("b", lambda f: None))  # ... not for idle "b"
+    await asyncio.sleep(0)
+    assert not other.done()
+    with pytest.raises(Refusal):  # but "b" gets one place only
+        await slots.acquire("b", lambda f: None)
+    slots.release("a")
+    await asyncio.sleep(0)
+    slots.release("a")
+    await asyncio.sleep(0)
+    assert waiter.done() and other.done() and slots.running == {"b": 1}
+
+
 @dataclass
 class FakeConfig:
     max_batch_size: int = 1
@@ -199,60 +244,6 @@ class FakeGate:
 
     def check(self, identity, action, model=""):
         return self.state.policy.check(identity, action, model or None)
-
-
-async def _admission_guard(tmp_path, capacity: int, max_queue: int):
-    state = AccessState.open(tmp_path)
-    for login in ("heavy@example.com", "light@example.com"):
-        state.shares.add(login, ["tiny"])
-    engine = FakeEngine()
-    engine.config.max_batch_size, engine.config.max_queue = capacity, max_queue
-    return state, Guard(FakeGate(state), state), engine
-
-
-async def test_a_free_slot_goes_to_the_caller_holding_fewest(tmp_path):
-    """Through the guard's public admit/close: a newcomer takes the next free slot ahead of
-    the flood queued before it."""
-    state, guard, engine = await _admission_guard(tmp_path, capacity=2, max_queue=100)
-    order: list[str] = []
-    leases: list = []
-
-    async def take(login: str) -> None:
-        req = GenerationRequest(f"{login}-{len(order)}", prompt="x")
-        leases.append(await guard.admit(Caller(who(login)), engine, req, "grpc"))
-        order.append(login)
-
-    await take("heavy@example.com")
-    await take("heavy@example.com")
-    flood = [asyncio.ensure_future(take("heavy@example.com")) for _ in range(5)]
-    await asyncio.sleep(0)
-    newcomer = asyncio.ensure_future(take("light@example.com"))
-    await asyncio.sleep(0)
-    assert len(order) == 2  # everyone else waits for a slot
-    leases[0].close()
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert order[-1] == "light@example.com"  # not the five heavy requests queued before it
-    for i in range(1, 6):  # each close frees the slot the next queued heavy request takes
-        leases[i].close()
-        for _ in range(3):
-            await asyncio.sleep(0)
-    await asyncio.gather(*flood, newcomer)
-    assert order.count("heavy@example.com") == 7
-    for lease in leases:
-        lease.close()
-    state.close()
-
-
-async def test_waiting_queue_is_bounded():
-    slots = _Slots(capacity=1, max_waiting=1)
-    await slots.acquire("a", lambda f: None)
-    waiter = asyncio.ensure_future(slots.acquire("a", lambda f: None))
-    await asyncio.sleep(0)
-    with pytest.raises(Refusal) as info:
-        await slots.acquire("b", lambda f: None)
-    assert info.value.kind == "resource_exhausted"
-    waiter.cancel()
 
 
 async def test_guard_quota_clamp_cut_and_revocation_while_waiting(tmp_path):

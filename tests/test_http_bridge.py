@@ -366,7 +366,8 @@ def test_oversized_chunked_body_is_refused(server):
         for _ in range(50):
             yield b"x" * (128 * 1024)
 
-    response = httpx.post(f"{server.http_url}/v1/completions", content=chunks(), timeout=60)
+    response = httpx.post(f"{server.http_url}/v1/completions", content=chunks(), timeout=60,
+                          headers={"content-type": "application/json"})
     assert_openai_error(response, 413, "larger than")
 
 
@@ -422,7 +423,7 @@ def test_non_streaming_disconnect_frees_the_slot(server, grpc_client):
     payload = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True}).encode()
     host, port = server.http.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
         deadline = time.monotonic() + 5
         while grpc_client.server_info().active_streams == 0 and time.monotonic() < deadline:
@@ -471,10 +472,10 @@ class DenyGate(LoopbackGate):
 
 @contextlib.asynccontextmanager
 async def bridge(
-    engine, gate: Any = None, ready: bool = True, **options: Any
+    engine, gate: Any = None, ready: bool = True, bearer: Any = None, **options: Any
 ) -> AsyncIterator[tuple[str, HttpBridge]]:
     """The bridge over the in-process engine on a real uvicorn listener; yields (url, bridge)."""
-    async with http_bridge(engine, gate or LoopbackGate(), ready,
+    async with http_bridge(engine, gate or LoopbackGate(), ready, bearer=bearer,
                            options=BridgeOptions(**options)) as pair:
         yield pair
 
@@ -559,7 +560,7 @@ async def test_shortcut_client_leaving_cancels_the_generation():
         host, port = url.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         payload = b'{"question": "Once upon a time", "conversation": "gone"}'
-        writer.write(b"POST /v1/shortcuts/ask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        writer.write(b"POST /v1/shortcuts/ask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
         await writer.drain()
         await asyncio.sleep(0.2)

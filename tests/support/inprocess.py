@@ -1,34 +1,38 @@
 """The product's own doors over the in-process engine, on real loopback listeners.
 
-One place that assembles them, so tests of the network pieces (relay, TLS) and of access
-(tokens) exercise the real servicer and the real bridge, not a stand-in.
+One place that assembles them (call core, model manager, guard), so tests of the network pieces
+(relay, TLS) and of access (tokens) exercise the real servicer and the real bridge, not a
+stand-in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 
 from lmlink.access.identity import Identity
-from lmlink.api.grpc_service import InferenceService, ServerFacts
-from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
+from lmlink.api.core import Core, ServerFacts
+from lmlink.api.grpc_service import InferenceService
+from lmlink.api.http_bridge import BridgeOptions, HttpBridge
+from lmlink.api.http_shell import HttpListener, bind_socket
+from lmlink.api.limits import Guard
+from lmlink.api.models import ModelManager
 from lmlink.api.streams import StreamHub
-from lmlink.engine.registry import ModelRegistry
 from lmlink.v1 import inference_pb2 as pb
 from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
 
-def _registry_and_hub(engine: Any) -> tuple[ModelRegistry, StreamHub]:
-    hub = StreamHub(asyncio.get_running_loop())
-    if hasattr(engine, "add_step_listener"):  # fake engines in unit tests have none
-        engine.add_step_listener(hub.on_step)
-    registry = ModelRegistry()
-    registry.add(engine)
-    return registry, hub
+def make_core(engine: Any, guard: Guard, listen_mode: str, *, ready: bool = True) -> Core:
+    """The call core over `engine`; with ready=False the model is known but not yet served."""
+    models = ModelManager(StreamHub(asyncio.get_running_loop()))
+    if ready:
+        models.add(engine)
+    else:
+        models.registry.add(engine)
+    return Core(models, guard, ServerFacts("studio", listen_mode))
 
 
 class GrpcService:
@@ -41,11 +45,8 @@ class GrpcService:
         self.peers: list[str] = []
         self._inner_identify: Callable[[str], Identity | None] = gate.identify
         gate.identify = self._identify  # the same gate, its questions recorded
-        registry, hub = _registry_and_hub(engine)
-        facts = ServerFacts(name="studio", listen_mode="tailscaled", started_at=time.time())
+        self._engine, self._gate = engine, gate
         self.server = grpc.aio.server()
-        pb_grpc.add_InferenceServicer_to_server(
-            InferenceService(registry, hub, gate, facts), self.server)
         address = "127.0.0.1:0"
         self.port = (self.server.add_secure_port(address, credentials) if credentials
                      else self.server.add_insecure_port(address))
@@ -55,6 +56,8 @@ class GrpcService:
         return self._inner_identify(peer)
 
     async def __aenter__(self) -> "GrpcService":
+        core = make_core(self._engine, Guard(self._gate, None), "tailscaled")
+        pb_grpc.add_InferenceServicer_to_server(InferenceService(core), self.server)
         await self.server.start()
         return self
 
@@ -87,18 +90,22 @@ async def generate(channel: grpc.aio.Channel, model: str, max_tokens: int = 4,
 
 
 @contextlib.asynccontextmanager
-async def http_bridge(engine: Any, gate: Any, ready: bool = True, *,
-                      guard: Any = None, options: Any = None) -> AsyncIterator[tuple[str, HttpBridge]]:
-    """The HTTP bridge over the in-process engine on a real uvicorn listener: (url, bridge)."""
-    registry, hub = _registry_and_hub(engine)
-    bridge = HttpBridge(registry, hub, gate, lambda: ready, options, guard=guard)
+async def http_bridge(engine: Any, gate: Any, ready: bool = True, *, guard: Guard | None = None,
+                      bearer: Any = None, options: BridgeOptions | None = None,
+                      listen_mode: str = "local") -> AsyncIterator[tuple[str, HttpBridge]]:
+    """The HTTP bridge over the in-process engine on a real uvicorn listener: (url, bridge).
+    A `guard` given here (one with access state) is started and closed with the bridge."""
+    started = guard is not None
+    guard = guard or Guard(gate, None, bearer=bearer)
+    bridge = HttpBridge(make_core(engine, guard, listen_mode, ready=ready),
+                        options or BridgeOptions())
     listener = HttpListener(bridge.app(), bind_socket("127.0.0.1", 0))
     await listener.start()
-    if guard is not None:
+    if started:
         guard.start()
     try:
         yield f"http://{listener.address}", bridge
     finally:
-        if guard is not None:
+        if started:
             await guard.aclose()
         await listener.stop()
