@@ -141,7 +141,12 @@ def test_full_rebuild_equals_the_shipped_files(tmp_path: Path, request: pytest.F
     """The build script with its defaults remakes the shipped directory byte for byte (the
     script's reproducibility claim: same versions, OpenBLAS preloaded, as `make test` runs).
     Slow tier: 600 training steps, about 10 min on an idle 2-core EPYC VM, 45 min on a busy one;
-    run with `-m slow` or LMLINK_SLOW_TESTS=1."""
+    run with `-m slow` or LMLINK_SLOW_TESTS=1.
+
+    Found 2026-12-02 (this test's first run, OPENBLAS_NUM_THREADS=1 as /work/bin/lt and the
+    engine use): every file but model.safetensors is identical, final loss too (4.145), but the
+    weights differ; the shipped ones were built with 2 BLAS threads. Until the build pins its BLAS
+    thread count or the weights are rebuilt under it, this test fails, as it should."""
     if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get(
             "LMLINK_SLOW_TESTS"):
         pytest.skip("slow tier: run with -m slow or LMLINK_SLOW_TESTS=1")
