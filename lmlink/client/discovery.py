@@ -520,12 +520,12 @@ async def adiscover(
         await asyncio.wait(pending, timeout=VERIFY_TIMEOUT + 1.0)
     for task in pending:
         task.cancel()
-    endpoints = _merge(list(found.values()))
+    endpoints = merge_endpoints(list(found.values()))
     endpoints.sort(key=_order)
     return Discovery(endpoints, notes, round(time.monotonic() - start, 3), browser_ifaces)
 
 
-def _merge(endpoints: list[Endpoint]) -> list[Endpoint]:
+def merge_endpoints(endpoints: list[Endpoint]) -> list[Endpoint]:
     """One entry per confirmed server address: a confirmed mDNS answer absorbs the tailnet or
     configured entry that reached the same address and certificate. A configured default with
     nothing behind it is dropped (it was never "found")."""
