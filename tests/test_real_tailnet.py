@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -309,15 +310,16 @@ def test_policy_reload_revokes_running_stream(lab):
 
     bob = lab.bob
     proc = subprocess.Popen(
-        bob.cmd(*lmlink_argv("chat", "--server", lab.target(), "--max-tokens", "100000",
+        bob.cmd(*lmlink_argv("chat", "--server", lab.target(), "--max-tokens", "2000",
                              "--ignore-eos", "--json", "a long answer please")),
         cwd=REPO, env=node_env(bob), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("{"), proc.stderr.read() if proc.stderr else first
-        time.sleep(0.5)
         assert proc.poll() is None
+        drain = threading.Thread(target=proc.stdout.read, daemon=True)  # never block the stream
+        drain.start()
         # the admin narrows the team's grant to the Qwen family and reloads headscale
         narrowed = lab_policy().replace('"models": ["qwen-*", "lmlink-tiny"]', '"models": ["qwen-*"]')
         assert narrowed != lab_policy()
@@ -351,14 +353,16 @@ def test_policy_reload_revokes_running_stream(lab):
 def test_deleted_node_loses_access(lab):
     res = chat(lab, "bob")
     assert res.returncode == 0, res.stderr
+    accepted = lab.serving.stderr().count("accepted bob@example.com")
     node_id = lab.bed.headscale_id(lab.bob)
     lab.bed.headscale("nodes", "delete", "--identifier", str(node_id), "--force", json_out=False)
     # the server forgets the peer: new connections are refused before TLS
     wait_for("server to drop bob", lambda: lab.server.peer_status(lab.bob) is None, 20)
     res = lmlink(lab.bob, "status", "--server", lab.target(), "--timeout", "5")
     assert res.returncode != 0
-    assert "Traceback" not in res.stderr
-    assert "refused" in lab.serving.stderr() or "not a known tailnet peer" in lab.serving.stderr()
+    assert "Traceback" not in res.stderr and "cannot reach" in res.stderr, res.stderr
+    # the server's tailscaled drops the packets: lmlink never even sees a connection from bob
+    assert lab.serving.stderr().count("accepted bob@example.com") == accepted
 
 
 def test_expired_node_loses_access(lab):
@@ -366,10 +370,14 @@ def test_expired_node_loses_access(lab):
     assert res.returncode == 0, res.stderr
     node_id = lab.bed.headscale_id(lab.alice)
     lab.bed.headscale("nodes", "expire", "--identifier", str(node_id), json_out=False)
-    wait_for("server to drop alice",
-             lambda: not (lab.server.peer_status(lab.alice) or {}).get("Online", False)
-             or (lab.server.peer_status(lab.alice) or {}).get("Expired")
-             or lab.server.peer_status(lab.alice) is None, 20)
-    res = status(lab, "alice")
+    t0 = time.monotonic()
+    # headscale tells the server the peer's key expired; WireGuard to it stops at once
+    wait_for("alice to lose access",
+             lambda: lmlink(lab.alice, "status", "--server", lab.target(), "--timeout", "3").returncode,
+             30, interval=0.5)
+    print(f"expired node lost access within {time.monotonic() - t0:.1f} s")
+    peer = lab.server.peer_status(lab.alice)
+    assert peer is None or peer.get("Expired") or not peer.get("Online"), peer
+    res = lmlink(lab.alice, "status", "--server", lab.target(), "--timeout", "5")
     assert res.returncode != 0, res.stdout
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and "cannot reach" in res.stderr, res.stderr
