@@ -92,3 +92,25 @@ def test_tsnet_node_discovered_by_tag(lab):
     targets = {e["target"]: e for e in json.loads(res.stdout)["endpoints"]}
     e = targets.get(f"{embedded_ip(lab)}:{GRPC_PORT}")
     assert e and e["status"] == "ok", targets
+
+
+# ----- fast, no namespaces: the child's failure is one line ---------------------------------
+
+
+def test_tsnet_child_that_dies_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, body in (("tailscaled", "echo 'cannot start' >&2; exit 3"), ("tailscale", "exit 0")):
+        (bindir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bindir / name).chmod(0o755)
+    env = {**os.environ, "LMLINK_TAILSCALED": str(bindir / "tailscaled"),
+           "LMLINK_STATE_DIR": str(tmp_path / "state")}
+    res = subprocess.run([sys.executable, "-m", "lmlink.cli", "serve", "--listen", "tsnet", "--json"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and res.stdout == ""
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith("lmlink serve: tailscaled exited (3)"), lines
