@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("local", "tailscaled", "tsnet"),
         default="local",
         help="where to listen: local = loopback only, plaintext, for development; tailscaled = "
-        "this node's tailnet addresses via the Tailscale daemon; tsnet = an embedded tailnet "
-        "node (needs the tsnet extra). Tailnet modes use TLS and check every caller with WhoIs. "
+        "this node's tailnet addresses via the Tailscale daemon (loopback + WhoIs under "
+        "userspace networking); tsnet = lmlink's own tailnet node, a private userspace "
+        "tailscaled ($LMLINK_TAILSCALED or PATH; else the tsnet extra). Tailnet modes use TLS and check every caller with WhoIs. "
         "(default: local)",
     )
     serve.add_argument(
