@@ -87,6 +87,20 @@ def test_serve_binds_only_tailnet_addresses(lab):
     assert "Connection refused" in probe.stderr or "Failed to connect" in probe.stderr, probe.stderr
 
 
+def test_nothing_can_be_dialled_outside(lab):
+    """No namespace of the bed has a default route; the only DERP region is headscale's own."""
+    for node in [lab.server, *lab.clients.values()]:
+        routes = subprocess.run(node.cmd("ip", "-4", "route", "show"), capture_output=True,
+                                text=True, timeout=10).stdout
+        assert "default" not in routes, (node.role, routes)
+        netcheck = node.tailscale("netcheck", "--format=json", timeout=60)
+        regions = set((json.loads(netcheck).get("RegionLatency") or {}).keys())
+        assert regions == {"900"}, regions  # reachable: headscale's embedded DERP, nothing else
+    routes = subprocess.run(["ip", "-n", lab.bed.ctl_ns, "-4", "route", "show"],
+                            capture_output=True, text=True, timeout=10).stdout
+    assert "default" not in routes, routes
+
+
 # -- who may do what: gRPC ------------------------------------------------------------------
 
 
