@@ -239,6 +239,29 @@ def test_tls_pin_over_tailnet(lab):
     assert lab.serving.fingerprint in res.stderr
 
 
+# -- local shares keyed by the real WhoIs login ------------------------------------------------
+
+
+def test_local_share_for_a_real_tailnet_login(lab):
+    """A share for eve's real WhoIs login opens the model to her; revoking closes it again."""
+    assert chat(lab, "eve").returncode != 0
+    # a tagged server has no owner: even the admin grant cannot manage shares remotely
+    res = lmlink(lab.alice, "share", "add", "eve@example.com", "--model", MODEL,
+                 "--server", lab.target())
+    assert res.returncode != 0 and "is not the owner of this server" in res.stderr, res.stderr
+    state = str(lab.serving.state_dir)  # so the operator does it on the server machine
+    res = lmlink(lab.server, "share", "add", "eve@example.com", "--model", MODEL,
+                 "--state-dir", state)
+    assert res.returncode == 0, res.stderr
+    res = chat(lab, "eve")
+    assert res.returncode == 0, res.stderr
+    assert events(res)[-1]["usage"]["completion_tokens"] == 12
+    res = lmlink(lab.server, "share", "revoke", "eve@example.com", "--state-dir", state)
+    assert res.returncode == 0, res.stderr
+    res = chat(lab, "eve")
+    assert res.returncode != 0 and EVE_DENIED in res.stderr, res.stderr
+
+
 # -- direct vs relayed, for real ----------------------------------------------------------------
 
 
