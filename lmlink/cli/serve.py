@@ -21,8 +21,10 @@ def add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--listen", choices=_MODES, default="local",
         help="where to listen: local = loopback only, plaintext, for development; tailscaled = "
-        "this node's tailnet addresses via the Tailscale daemon; tsnet = an embedded tailnet "
-        "node (needs the tsnet extra). Tailnet modes use TLS and check every caller with WhoIs. "
+        "this node's tailnet addresses via the Tailscale daemon (loopback + WhoIs under "
+        "userspace networking); tsnet = lmlink's own tailnet node, a private userspace "
+        "tailscaled ($LMLINK_TAILSCALED or PATH; else the tsnet extra). Tailnet modes use TLS "
+        "and check every caller with WhoIs. "
         "(default: local)",
     )
     p.add_argument(
