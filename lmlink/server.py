@@ -28,6 +28,7 @@ from lmlink.api.http_bridge import BridgeOptions, HttpBridge
 from lmlink.api.http_shell import LOOPBACK_NAMES, HttpListener, bind_socket
 from lmlink.api.limits import open_guard
 from lmlink.api.models import ModelManager
+from lmlink.api.resume import ResumeOptions
 from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
 from lmlink.engine.loader import LoadedModel, load_model
@@ -69,6 +70,7 @@ class ServeOptions:
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
     cluster: Any = None  # cluster rank 0: has make_engine(progress) -> Engine (lmlink.cluster)
     idle_ttl: float = 0.0  # unload models idle this many seconds (0: never)
+    resume: ResumeOptions = field(default_factory=ResumeOptions)  # dropped streams kept
     # Browser UIs (origins like "http://localhost:3000") allowed to call the HTTP bridge.
     allowed_origins: tuple[str, ...] = field(default_factory=lambda: env_list(defaults.ENV_ALLOWED_ORIGINS))
 
@@ -93,6 +95,11 @@ class ServeOptions:
                 default_max_tokens=max(1, get("default_max_tokens", 512)),
             ),
             stream_pace_ms=get("stream_pace_ms", 10.0),
+            resume=ResumeOptions(
+                grace_seconds=max(0.0, get("resume_grace", 60.0)),
+                max_buffer_bytes=get("resume_buffer", 1024 * 1024),
+                max_detached=get("resume_max_detached", 64),
+            ),
             tailnet=TailnetSettings(
                 state_dir=Path(state_dir) if state_dir else default_state_dir(),
                 localapi_socket=get("localapi_socket"),
@@ -141,7 +148,7 @@ def check_bindable(host: str, port: int) -> None:
 
 def grpc_channel_options() -> list[tuple[str, int]]:
     # Prompts can be long; keep the limit explicit on both sides (the clients use the same).
-    return list(defaults.CHANNEL_OPTIONS)
+    return [*defaults.CHANNEL_OPTIONS, *defaults.SERVER_KEEPALIVE_OPTIONS]
 
 
 async def serve(
@@ -185,7 +192,9 @@ async def serve(
         await stack.enter_async_context(models.running())
         guard.start()
         stack.push_async_callback(guard.aclose)
-        core = Core(models, guard, ServerFacts(name=options.name, listen_mode=options.listen))
+        core = Core(models, guard, ServerFacts(name=options.name, listen_mode=options.listen),
+                    options.resume)
+        stack.callback(core.streams.close)
         grpc_address, health = await stack.enter_async_context(build_grpc(core, door, options))
         http_address = await stack.enter_async_context(build_http(core, door, options))
         stopped = _stop_on_signals()

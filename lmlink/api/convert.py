@@ -66,7 +66,13 @@ def merge_deltas(events: list[Event]) -> list[Event]:
     return merged
 
 
-def event_to_wire(event: Event, request_id: str) -> pb.GenerateEvent:
+def event_to_wire(event: Event, request_id: str, index: int = 0) -> pb.GenerateEvent:
+    message = _event_to_wire(event, request_id)
+    message.index = index
+    return message
+
+
+def _event_to_wire(event: Event, request_id: str) -> pb.GenerateEvent:
     if isinstance(event, TokenDelta):
         return pb.GenerateEvent(
             request_id=request_id, delta=pb.TokenDelta(text=event.text, token_ids=event.token_ids)

@@ -32,6 +32,7 @@ from .convert import merge_deltas
 from .errors import CallError, ErrorKind
 from .limits import Caller, Guard, Lease
 from .models import LoadStep, ModelManager, Unloaded
+from .resume import ResumeOptions, ResumeStore, Tap
 from .streams import EventQueue
 
 log = logging.getLogger("lmlink.api")
@@ -203,10 +204,12 @@ class Generation:
 class Core:
     """The transport-neutral call path over a ModelManager and a Guard."""
 
-    def __init__(self, models: ModelManager, guard: Guard, facts: ServerFacts) -> None:
+    def __init__(self, models: ModelManager, guard: Guard, facts: ServerFacts,
+                 resume: ResumeOptions | None = None) -> None:
         self.models = models
         self.guard = guard
         self.facts = facts
+        self.streams = ResumeStore(resume)  # streamed answers, resumable (lmlink.api.resume)
         self.identify = self._identify  # swappable, like golink's currentUser(r)
 
     # ----- who and what ----------------------------------------------------------------------
@@ -301,7 +304,21 @@ class Core:
             raise CallError(ErrorKind.INVALID_ARGUMENT, "request_id is required",
                             param="request_id")
         owner = None if caller.identity.is_owner else owner_key(caller.identity)
-        return any(e.cancel(request_id, owner) for e in self.models.engines())
+        cancelled = any(e.cancel(request_id, owner) for e in self.models.engines())
+        return self.streams.forget(request_id, owner) or cancelled  # cancelled: not kept
+
+    def stream(self, gen: Generation, **meta: Any) -> Tap:
+        """Hand a streamed Generation to the resume store; doors read the returned Tap."""
+        return self.streams.start(gen, owner_key(gen.caller.identity), **meta)
+
+    def resume(self, caller: Caller, request_id: str) -> Tap:
+        """This caller's dropped stream (NOT_FOUND if unknown, expired or someone else's)."""
+        if not request_id:
+            raise CallError(ErrorKind.INVALID_ARGUMENT, "request_id is required",
+                            param="request_id")
+        tap = self.streams.find(request_id, owner_key(caller.identity))
+        self.require(caller, "generate", tap.model)
+        return tap
 
     # ----- model management (owner only) -------------------------------------------------------
 

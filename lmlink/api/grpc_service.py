@@ -19,6 +19,7 @@ from .core import Core, ServerSnapshot
 from .errors import CallError, ErrorKind
 from .limits import Caller
 from .models import LoadStep
+from .resume import Tap
 
 
 async def abort(context: grpc.aio.ServicerContext, error: CallError) -> NoReturn:
@@ -103,12 +104,28 @@ class InferenceService(pb_grpc.InferenceServicer):
             gen = await self.core.open(caller, request.model, request_from_wire(request), "grpc")
         except CallError as error:
             await abort(context, error)
-        async with gen:
-            try:
-                async for event in gen:
-                    yield event_to_wire(event, gen.request_id)
-            except CallError as error:
-                await abort(context, error)
+        async for message in self._follow(context, self.core.stream(gen), 0):
+            yield message
+
+    async def Resume(
+        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        try:
+            tap = self.core.resume(await self._caller(context), request.request_id)
+        except CallError as error:
+            await abort(context, error)
+        async for message in self._follow(context, tap, request.after):
+            yield message
+
+    async def _follow(self, context: grpc.aio.ServicerContext, tap: Tap,
+                      after: int) -> AsyncIterator[pb.GenerateEvent]:
+        """A stream's events after `after`; a caller who leaves detaches (lmlink.api.resume)."""
+        try:
+            with tap.reader(after) as reader:
+                async for n, event in reader.events():
+                    yield event_to_wire(event, tap.request_id, n)
+        except CallError as error:
+            await abort(context, error)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -45,6 +45,7 @@ from .http_shell import (
     read_body,
     unless_disconnected,
 )
+from .http_resume import StreamRoutes, sse
 from .limits import Caller
 from .openai_schema import (
     DONE,
@@ -100,6 +101,7 @@ class HttpBridge:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/v1/shortcuts/ask", self.shortcuts_ask, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
+                *StreamRoutes(self.core, self.options.keepalive_seconds).routes(),
             ],
             allowed_hosts=self.options.allowed_hosts,
             allowed_origins=self.options.allowed_origins,
@@ -138,34 +140,10 @@ class HttpBridge:
         return JSONResponse(body, headers=headers)
 
     async def _chunks(self, gen: Generation, call: CompletionCall) -> AsyncIterator[bytes]:
-        """SSE chunks, one write per engine step however many tokens it carried."""
-        encoder = ChunkEncoder(call.kind, gen.request_id, gen.created, gen.model, call.include_usage)
-        async with gen:
-            opening = encoder.role()
-            if opening:
-                yield opening
-            while not gen.finished:
-                out: list[bytes] = []
-                try:
-                    events = await gen.next_step(self.options.keepalive_seconds)
-                except CallError as error:  # failed or cut mid-stream: OpenAI's in-band error
-                    yield error_event(error) + DONE
-                    return
-                if events is None:
-                    out.append(KEEPALIVE)
-                for event in events or ():
-                    if isinstance(event, TokenDelta):
-                        if event.text:
-                            out.append(encoder.delta(event.text))
-                    elif isinstance(event, PromptProgress):
-                        out.append(b": prompt %d/%d\n\n" % (event.processed_tokens, event.total_tokens))
-                    elif isinstance(event, Completed):
-                        out.append(encoder.finish(event.finish_reason))
-                        if call.include_usage:
-                            out.append(encoder.usage(event))
-                        out.append(DONE)
-                if out:
-                    yield b"".join(out)
+        """SSE chunks, resumable (lmlink.api.http_resume), one write per engine step."""
+        tap = self.core.stream(gen, kind=call.kind, include_usage=call.include_usage)
+        async for chunk in sse(tap, 0, self.options.keepalive_seconds, opening=True):
+            yield chunk
 
     async def list_models(self, request: Request) -> Response:
         caller = await self._caller(request)

@@ -54,6 +54,13 @@ def add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=at_least(1), default=512,
                    help="completion length when a request does not set max_tokens (default: 512)")
     p.add_argument("--name", default=None, help="server name shown to clients (default: hostname)")
+    p.add_argument("--resume-grace", type=float, default=60.0, metavar="SECONDS",
+                   help="keep generating a stream whose client dropped, for it to resume, this "
+                   "long; it keeps its slot meanwhile; 0 = cancel at once (default: 60)")
+    p.add_argument("--resume-buffer", type=at_least(4096), default=1024 * 1024, metavar="BYTES",
+                   help="most text one resumable stream buffers (default: 1 MiB)")
+    p.add_argument("--resume-max-detached", type=at_least(0), default=64, metavar="N",
+                   help="most dropped streams kept in total; 4 per caller (default: 64)")
     p.add_argument("--no-mdns", action="store_true",
                    help="do not advertise on the LAN with mDNS (_lmlink._tcp; loopback only in "
                    "local mode)")
