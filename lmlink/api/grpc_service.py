@@ -6,6 +6,7 @@ answer (or its `CallError`, with the error kind in trailing metadata) back to th
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Callable, NoReturn
 
 import grpc
@@ -122,8 +123,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         """A stream's events after `after`; a caller who leaves detaches (lmlink.api.resume)."""
         try:
             with tap.reader(after) as reader:
-                async for n, event in reader.events():
-                    yield event_to_wire(event, tap.request_id, n)
+                try:
+                    async for n, event in reader.events():
+                        yield event_to_wire(event, tap.request_id, n)
+                except (asyncio.CancelledError, GeneratorExit):
+                    remaining = context.time_remaining()
+                    if remaining is not None and remaining <= 0:
+                        tap.cancelled = True  # the caller's deadline passed: not a dropped link
+                    raise
         except CallError as error:
             await abort(context, error)
 

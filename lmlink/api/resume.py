@@ -84,6 +84,7 @@ class Tap:
         self.last = 0  # number of the newest event
         self.error: CallError | None = None  # how it ended, if not with Completed
         self.done = False
+        self._stopping = False
         self.delivered = False  # a reader handed out the final event
         self.cancelled = False  # Cancel was asked: never kept for resuming
         self._changed = asyncio.Event()
@@ -97,8 +98,13 @@ class Tap:
 
     async def _run(self) -> None:
         try:
-            async for event in self.gen:  # closes the Generation however this ends
-                self._append(event)
+            # aclosing: the Generation is closed (engine cancelled, lease released) however
+            # this ends, also when it stops early below.
+            async with contextlib.aclosing(self.gen.__aiter__()) as events:
+                async for event in events:
+                    if self._stopping:
+                        break  # (a cancellation would land only at the next real wait)
+                    self._append(event)
         except CallError as error:
             self.error = error
         except asyncio.CancelledError:
@@ -129,8 +135,9 @@ class Tap:
 
     def stop(self, error: CallError) -> None:
         """End generation now (engine request cancelled, lease closed); keep the buffer."""
-        if not self.done:
+        if not self.done and not self._stopping:
             self.error = error
+            self._stopping = True
             self._pump.cancel()
 
     # ----- readers -----------------------------------------------------------------------------
@@ -250,7 +257,6 @@ class ResumeStore:
         if tap is None or (owner is not None and tap.owner != owner):
             return False
         tap.cancelled = True
-        log.info("DBG forget %s readers=%s", request_id, tap._readers)
         if not tap._readers:
             self._forget(tap)
         return True
@@ -283,7 +289,6 @@ class ResumeStore:
                 tap._expiry = None
 
     def _on_detach(self, tap: Tap) -> None:
-        log.info("DBG detach %s delivered=%s cancelled=%s done=%s", tap.request_id, tap.delivered, tap.cancelled, tap.done)
         if tap.delivered or tap.cancelled or self.options.grace_seconds <= 0:
             self._forget(tap, "was dropped: resuming is off" if not tap.delivered else "")
             return
