@@ -116,10 +116,9 @@ def test_grpc_resume_rpc_after_a_dropped_call(served):
             after.append(message.delta.text)
     assert kinds[-1] == "completed"
     assert "".join(before) + "".join(after) == reference.text
-    # Delivered to the end: not kept any more.
-    with pytest.raises(grpc.RpcError) as gone:
-        next(iter(stub.Resume(pb.ResumeRequest(request_id="resume-rpc-1", after=last), timeout=10)))
-    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # Kept for the grace period although all was sent (a dying link may not have carried
+    # it): resuming after the last event is an empty, successful stream.
+    assert list(stub.Resume(pb.ResumeRequest(request_id="resume-rpc-1", after=last), timeout=10)) == []
     channel.close()
 
 
@@ -231,7 +230,7 @@ async def test_another_caller_cannot_resume_and_learns_nothing(engine):
             assert r.status_code == 200
             lines = [line async for line in r.aiter_lines()]
         assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
-        assert bridge.core.streams.detached == 0 and len(bridge.core.streams) == 0
+        assert bridge.core.streams.detached == 1 and bridge.core.streams.find("alice-1", "token:alice@x").done
 
 
 async def test_expired_stream_is_cancelled_and_gets_a_clear_error(engine):
@@ -339,4 +338,4 @@ async def test_an_attached_reader_lets_the_buffer_drop_what_it_was_handed():
         assert rest and isinstance(rest[-1][1], Completed)
         assert await reader.next(1.0) == []
     assert total == 501 and tap._bytes <= 4096 and tap.error is None and gen.closed
-    assert len(store) == 0  # delivered: nothing kept
+    assert store.detached == 1 and tap.done  # finished, kept for the grace period

@@ -9,10 +9,13 @@ How: every streamed `Generation` is handed to a `ResumeStore`, which runs one pu
 stream copying its events into a numbered buffer (`Tap`). Doors read the buffer, not the
 Generation. Event numbers start at 1 and count every event (Started, PromptProgress, each
 step's merged TokenDelta, Completed) -- the same numbers on every door. When the last reader
-leaves before the end, the stream is *detached*: it keeps generating into the buffer; after
-`grace_seconds` without a reader it expires (the engine request is cancelled, the lease and
+leaves, the stream is *detached*: it keeps generating into the buffer; after `grace_seconds`
+without a reader it expires (the engine request is cancelled, the lease and
 its audit row closed). A detached stream keeps its batch slot and counts against the
-caller's `max_streams` until it finishes or expires.
+caller's `max_streams` until it finishes or expires. A stream is kept for the grace period
+even after its last event was handed out: the server cannot know whether a dying connection
+carried it (on a real tunnel it often had not); finished streams are dropped first when a
+limit is reached.
 
 Bounds (memory):
 - per stream, `max_buffer_bytes` of event text; events every attached reader has been handed
@@ -63,9 +66,9 @@ def _size(event: Event) -> int:
 
 def unknown(request_id: str) -> CallError:
     return CallError(ErrorKind.NOT_FOUND,
-                     f"no resumable stream {request_id!r}: it finished and was delivered, "
-                     "expired (nobody reconnected within the grace period), was cancelled, "
-                     "or was started by another caller", param="request_id")
+                     f"no resumable stream {request_id!r}: it expired (nobody reconnected "
+                     "within the grace period), was cancelled, or was started by another "
+                     "caller", param="request_id")
 
 
 class Tap:
@@ -213,7 +216,7 @@ class _Reader:
 
 
 class ResumeStore:
-    """Every streamed Generation of one server, by request id, until delivered or expired."""
+    """Every streamed Generation of one server, by request id, until it expires."""
 
     def __init__(self, options: ResumeOptions | None = None) -> None:
         self.options = options or ResumeOptions()
@@ -269,7 +272,7 @@ class ResumeStore:
     # ----- bookkeeping -------------------------------------------------------------------------
 
     def _forget(self, tap: Tap, why: str = "was cancelled") -> None:
-        if not tap.delivered:
+        if why:
             self._gone[tap.request_id] = (tap.owner, why)
             while len(self._gone) > 1024:
                 del self._gone[next(iter(self._gone))]
@@ -289,8 +292,11 @@ class ResumeStore:
                 tap._expiry = None
 
     def _on_detach(self, tap: Tap) -> None:
-        if tap.delivered or tap.cancelled or self.options.grace_seconds <= 0:
-            self._forget(tap, "was dropped: resuming is off" if not tap.delivered else "")
+        # Kept even when the last event was handed out: a reader hands events to a socket,
+        # and a connection that died meanwhile never delivered them (seen on a real tunnel).
+        if tap.cancelled or self.options.grace_seconds <= 0:
+            self._forget(tap, "was dropped: resuming is off" if not tap.cancelled else
+                         "was cancelled")
             return
         if self._taps.get(tap.request_id) is not tap:
             return
@@ -299,13 +305,13 @@ class ResumeStore:
         tap._expiry = asyncio.get_running_loop().call_later(
             self.options.grace_seconds, self._expire, tap)
         mine = [t for t in self._detached.values() if t.owner == tap.owner]
-        for old in mine[: max(0, len(mine) - self.options.max_detached_per_caller)]:
-            log.info("stream %s expired: the caller left too many streams", old.request_id)
+        for old in _oldest_first(mine, len(mine) - self.options.max_detached_per_caller):
+            log.info("stream %s dropped: the caller left too many streams", old.request_id)
             self._forget(old, "expired: the same caller left more than "
                               f"{self.options.max_detached_per_caller} streams unattended")
-        for old in list(self._detached.values())[: max(0, len(self._detached)
-                                                       - self.options.max_detached)]:
-            log.info("stream %s expired: too many detached streams", old.request_id)
+        every = list(self._detached.values())
+        for old in _oldest_first(every, len(every) - self.options.max_detached):
+            log.info("stream %s dropped: too many detached streams", old.request_id)
             self._forget(old, "expired: the server holds too many unattended streams")
 
     def _expire(self, tap: Tap) -> None:
@@ -318,6 +324,13 @@ class ResumeStore:
     def _ended(self, tap: Tap) -> None:
         if not tap._readers and tap.detached_at is None and tap.delivered:
             self._forget(tap)
+
+
+def _oldest_first(taps: list[Tap], n: int) -> list[Tap]:
+    """The `n` taps to drop: finished ones first (nothing more to lose), oldest first."""
+    if n <= 0:
+        return []
+    return sorted(taps, key=lambda t: (not t.done, t.detached_at or 0.0))[:n]
 
 
 def event_bytes(event: Event) -> int:
