@@ -138,10 +138,13 @@ class AsyncClient(BaseClient):
         messages: Sequence[Message] | None = None,
         prompt: str | None = None,
         timeout: float | None = None,
+        retry_before_first_event: bool = True,
         **options: Any,
     ) -> AsyncGenerationStream:
         request = self._generate_request(messages, prompt, options)
-        return AsyncGenerationStream(self, request, timeout)
+        stream = AsyncGenerationStream(self, request, timeout)
+        stream._state.retry_before_first_event = retry_before_first_event
+        return stream
 
     async def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         return await self.stream(messages=messages, **options).collect()

@@ -33,6 +33,8 @@ class ResumeState:
     _attempt: int = 0
     resumed: int = field(default=0)  # how many times this stream was resumed (for tests/logs)
     resuming: bool = False  # the current call is a Resume that has not delivered yet
+    # False where the caller fails over to another server itself (the link) before any event.
+    retry_before_first_event: bool = True
 
     @property
     def request_id(self) -> str:
@@ -51,6 +53,8 @@ class ResumeState:
     def retry_delay(self, exc: grpc.RpcError) -> float | None:
         """Seconds to wait before resuming; None: give up and raise `exc`."""
         if self.within <= 0 or exc.code() not in RETRYABLE or not self.request_id:
+            return None
+        if not self.got_event and not self.retry_before_first_event:
             return None
         now = time.monotonic()
         if self._deadline is None:

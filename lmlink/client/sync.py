@@ -127,11 +127,14 @@ class Client(BaseClient):
         messages: Sequence[Message] | None = None,
         prompt: str | None = None,
         timeout: float | None = None,
+        retry_before_first_event: bool = True,
         **options: Any,
     ) -> GenerationStream:
         """Start a generation; iterate the result for Started, TokenDelta... Completed."""
         request = self._generate_request(messages, prompt, options)
-        return GenerationStream(self, request, timeout)
+        stream = GenerationStream(self, request, timeout)
+        stream._state.retry_before_first_event = retry_before_first_event
+        return stream
 
     def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         return self.stream(messages=messages, **options).collect()

@@ -249,7 +249,10 @@ class LinkApp:
     async def _first_token(self, server: Server, model: str, request_id: str,
                            options: dict[str, Any]) -> _Upstream:
         client = await self.router.client(server)
-        stream = client.stream(model=model, request_id=request_id, **options)
+        # Before the first event the link fails over to another server itself; after it, a
+        # dropped connection is resumed (lmlink.client.resume) instead of failing the answer.
+        stream = client.stream(model=model, request_id=request_id,
+                               retry_before_first_event=False, **options)
         events = stream.__aiter__()
         head: list[ev.Event] = []
         server.inflight += 1
