@@ -131,6 +131,7 @@ class RunningServer:
     stopped: asyncio.Event
     http_address: str | None = None
     tls_fingerprint: str = ""
+    phone: Any = None  # lmlink.net.phone.PhoneAdvice: the Shortcut URL (tailnet modes)
 
 
 def check_bindable(host: str, port: int) -> None:
@@ -218,8 +219,18 @@ async def serve(
         log.info("serving %s on %s (listen mode %s)", engine.model_id, grpc_address, options.listen)
         if on_ready:
             on_ready(RunningServer(grpc_address, models.registry, stopped, http_address,
-                                   door.fingerprint))
+                                   door.fingerprint, _phone_advice(door, http_address)))
         await stopped.wait()
+
+
+def _phone_advice(door: FrontDoor, http_address: str | None) -> Any:
+    """What an iPhone Shortcut calls (tailnet modes with the bridge on); None otherwise."""
+    if door.tls is None or not http_address:
+        return None
+    from lmlink.net.phone import advise
+
+    port = int(http_address.split(", ")[0].rsplit(":", 1)[1])
+    return advise(door.tls.source, door.tls.cert_chain_pem, door.public_hosts, port)
 
 
 async def _first_engine(models: ModelManager, options: ServeOptions, loaded: LoadedModel | None,

@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help=f"port for --serve-profile (default: {defaults.LINK_PORT + 1})")
     phone.add_argument("--minutes", type=float, default=5.0,
                        help="how long --serve-profile waits for the download (default: 5)")
+    phone.add_argument("--profile-out", default=None, metavar="FILE",
+                       help="also write the CA profile to FILE (to AirDrop or mail it instead)")
     phone.add_argument("--no-qr", action="store_true", help="text only")
     phone.add_argument("--json", action="store_true", help="print JSON")
     phone.set_defaults(run=run_phone)
@@ -77,6 +79,11 @@ def run_phone(args: argparse.Namespace) -> int:
     advice = advise(tls.source, tls.cert_chain_pem, list(me.tailscale_ips), args.port)
     report: dict[str, Any] = {"url": advice.url, "host": advice.host,
                               "needs_profile": advice.needs_profile, "reason": advice.reason}
+    if args.profile_out:
+        from lmlink.net.mobileconfig import ca_profile
+
+        Path(args.profile_out).write_bytes(ca_profile(tls.client_ca_pem, me.dns_name or "lmlink"))
+        report["profile_file"] = args.profile_out
     if args.device:
         report["device"] = _check_device(api, state_dir, args.device, args.model)
     if not args.json:

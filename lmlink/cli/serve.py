@@ -195,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
             # One write: a line must never interleave with another thread's output.
             ready = {"event": "ready", "grpc": running.grpc_address, "http": running.http_address,
                      "model": engine.model_id, "listen": args.listen,
-                     "tls_fingerprint": running.tls_fingerprint or None}
+                     "tls_fingerprint": running.tls_fingerprint or None,
+                     "phone_url": running.phone.url if running.phone else None,
+                     "phone_needs_profile": running.phone.needs_profile if running.phone else None}
             sys.stdout.write(json.dumps(ready) + "\n")
             sys.stdout.flush()
             return
@@ -207,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
         )
         if running.tls_fingerprint:
             console.print(f"TLS certificate {running.tls_fingerprint}")
+        if running.phone:
+            console.print(f"iPhone Shortcut URL: {running.phone.url}"
+                          + (" (install the CA profile first: lmlink phone --serve-profile)"
+                             if running.phone.needs_profile else ""))
 
     status.start()
     try:
