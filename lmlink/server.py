@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -217,9 +218,13 @@ async def serve(
         if advertiser is not None:
             await advertiser.serving(lambda: [e.model_id for e in models.engines()])
         log.info("serving %s on %s (listen mode %s)", engine.model_id, grpc_address, options.listen)
+        phone = _phone_advice(door, http_address)
+        if phone is not None:
+            core.facts = dataclasses.replace(core.facts, shortcut_url=phone.url,
+                                             shortcut_needs_profile=phone.needs_profile)
         if on_ready:
             on_ready(RunningServer(grpc_address, models.registry, stopped, http_address,
-                                   door.fingerprint, _phone_advice(door, http_address)))
+                                   door.fingerprint, phone))
         await stopped.wait()
 
 

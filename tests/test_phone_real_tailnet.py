@@ -134,6 +134,16 @@ def test_shortcut_exchange_with_the_profile_ca_over_the_real_tailnet(lab, tmp_pa
     assert report["plain"]["status"] == 200 and not report["plain"]["body"].startswith("{")
 
 
+def test_status_tells_the_shortcut_url(lab):
+    res = subprocess.run(lab.alice.cmd(*lmlink_argv("status", "--server", lab.target(), "--json")),
+                         cwd=REPO, env=node_env(lab.alice), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["shortcut_url"] == lab.serving.ready["phone_url"]
+    assert info["shortcut_needs_profile"] is True
+
+
 def test_phone_device_check_uses_the_servers_grants(lab):
     ok = phone_cli(lab, "--device", "alice-laptop")
     assert ok.returncode == 0, ok.stderr

@@ -51,6 +51,8 @@ class ServerFacts:
     name: str
     listen_mode: str
     started_at: float = field(default_factory=time.time)
+    shortcut_url: str = ""  # lmlink.net.phone: what a phone calls (tailnet modes)
+    shortcut_needs_profile: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class ServerSnapshot:
     ranks: list[RankState] = field(default_factory=list)
     cluster_backend: str = ""
     cluster_sharding: str = ""
+    shortcut_url: str = ""
+    shortcut_needs_profile: bool = False
 
 
 def owner_key(identity: Identity) -> str:
@@ -294,6 +298,8 @@ class Core:
             generated_tokens=sum(s.generated_tokens for s in stats),
             recent_tokens_per_second=sum(s.recent_tokens_per_second for s in stats),
             caller=caller.identity,
+            shortcut_url=self.facts.shortcut_url,
+            shortcut_needs_profile=self.facts.shortcut_needs_profile,
             **_cluster_fields(engines),
         )
 

@@ -219,4 +219,6 @@ def _info_wire(info: ServerSnapshot) -> pb.ServerInfo:
                for r in info.ranks],
         cluster_backend=info.cluster_backend,
         cluster_sharding=info.cluster_sharding,
+        shortcut_url=info.shortcut_url,
+        shortcut_needs_profile=info.shortcut_needs_profile,
     )

@@ -203,7 +203,7 @@ class Identity(_message.Message):
     def __init__(self, login_name: _Optional[str] = ..., display_name: _Optional[str] = ..., node_name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., is_owner: _Optional[bool] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "listen_mode", "models", "active_streams", "queued_requests", "max_batch_size", "uptime_seconds", "platform", "generated_tokens", "caller", "recent_tokens_per_second", "ranks", "cluster_backend", "cluster_sharding")
+    __slots__ = ("name", "version", "protocol_version", "listen_mode", "models", "active_streams", "queued_requests", "max_batch_size", "uptime_seconds", "platform", "generated_tokens", "caller", "recent_tokens_per_second", "ranks", "cluster_backend", "cluster_sharding", "shortcut_url", "shortcut_needs_profile")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,8 @@ class ServerInfo(_message.Message):
     RANKS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_BACKEND_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_SHARDING_FIELD_NUMBER: _ClassVar[int]
+    SHORTCUT_URL_FIELD_NUMBER: _ClassVar[int]
+    SHORTCUT_NEEDS_PROFILE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -236,7 +238,9 @@ class ServerInfo(_message.Message):
     ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
     cluster_backend: str
     cluster_sharding: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., listen_mode: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., active_streams: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., platform: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., recent_tokens_per_second: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., cluster_backend: _Optional[str] = ..., cluster_sharding: _Optional[str] = ...) -> None: ...
+    shortcut_url: str
+    shortcut_needs_profile: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., listen_mode: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., active_streams: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., platform: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., recent_tokens_per_second: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., cluster_backend: _Optional[str] = ..., cluster_sharding: _Optional[str] = ..., shortcut_url: _Optional[str] = ..., shortcut_needs_profile: _Optional[bool] = ...) -> None: ...
 
 class RankInfo(_message.Message):
     __slots__ = ("rank", "host", "address", "state", "message", "memory_bytes", "model_bytes", "tokens_per_second", "seconds_since_heartbeat")
