@@ -196,7 +196,7 @@ async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
         from lmlink.api.admin_service import AdminService
         from lmlink.v1 import admin_pb2_grpc
 
-        add_servicer(admin_pb2_grpc.add_AdminServicer_to_server, AdminService(core.guard), server)
+        add_servicer(admin_pb2_grpc.add_AdminServicer_to_server, AdminService(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

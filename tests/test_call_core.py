@@ -379,3 +379,37 @@ def test_client_token_names_the_caller(tmp_path):
                 forged.list_models()
     finally:
         stop_server(srv.process)
+
+
+# ----- a grant may bound the prompt (prompt processing is the expensive part) ------------------
+
+
+async def test_a_grant_limits_prompt_tokens(engine):
+    from lmlink.access.gate import PolicyGate
+    from lmlink.access.policy import CAPABILITY
+    from lmlink.api.core import Core, ServerFacts
+    from lmlink.api.http_bridge import BridgeOptions, HttpBridge
+    from lmlink.api.http_shell import HttpListener, bind_socket
+    from lmlink.api.limits import Guard
+    from lmlink.api.models import ModelManager
+    from lmlink.api.streams import StreamHub
+
+    mate = Identity(login_name="mate@example.com", source="tailnet", node_name="mates-laptop",
+                    capabilities={CAPABILITY: [{"models": ["*"], "max_prompt_tokens": 40}]})
+    models = ModelManager(StreamHub(asyncio.get_running_loop()))
+    models.add(engine)
+    core = Core(models, Guard(PolicyGate(lambda peer: mate), None), ServerFacts("t", "tailscaled"))
+    listener = HttpListener(HttpBridge(core, BridgeOptions()).app(), bind_socket("127.0.0.1", 0))
+    await listener.start()
+    try:
+        async with openai.AsyncOpenAI(base_url=f"http://{listener.address}/v1", api_key="x",
+                                      max_retries=0) as oai:
+            short = await oai.completions.create(model="", prompt="Once upon a time", max_tokens=2)
+            assert short.usage.prompt_tokens <= 40
+            with pytest.raises(openai.BadRequestError) as err:
+                await oai.completions.create(model="", prompt="Once upon a time " * 30, max_tokens=2)
+            assert "at most 40 tokens per prompt" in err.value.message
+            again = await oai.completions.create(model="", prompt="Once", max_tokens=2)
+            assert again.usage.completion_tokens >= 1  # nothing was held by the refusal
+    finally:
+        await listener.stop()

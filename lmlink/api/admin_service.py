@@ -18,20 +18,22 @@ from lmlink.access.store import StoreError
 from lmlink.v1 import admin_pb2 as pb
 from lmlink.v1 import admin_pb2_grpc as pb_grpc
 
-from .limits import Guard, Refusal
+from .core import Core
+from .errors import CallError
+from .grpc_service import abort
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, guard: Guard) -> None:
-        self._guard = guard
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._guard = core.guard
 
     async def Run(self, request: pb.AdminRequest, context: grpc.aio.ServicerContext) -> pb.AdminReply:
         metadata = dict(context.invocation_metadata() or ())
-        try:
-            caller = await self._guard.identify(context.peer(), metadata.get("authorization"))
-        except Refusal as refusal:
-            await context.abort(refusal.grpc_status, refusal.message,
-                                trailing_metadata=refusal.trailing_metadata())
+        try:  # the same identity call as every other door
+            caller = await self._core.identify(context.peer(), metadata.get("authorization"))
+        except CallError as error:
+            await abort(context, error)
         identity = caller.identity
         if not identity.is_owner:
             await context.abort(

@@ -281,6 +281,8 @@ class Guard:
                 self._refuse(rec, self.quota_refusal(principal, model, over, mid=False))
             left = self.access.meter.remaining(principal, model, limits, self.clock())
             request = _within_budget(request, left, engine)
+        if limits.max_prompt_tokens is not None:  # the engine counts; the grant bounds
+            request = replace(request, max_prompt_tokens=limits.max_prompt_tokens)
         lease = Lease(self, caller, engine, limits, rec)
         lease.request = request
         self._leases.add(lease)

@@ -114,6 +114,8 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Free-form owner of the request (e.g. an identity label); lets Cancel check ownership.
     owner: str = ""
+    # The caller's limit on prompt tokens (a grant's max_prompt_tokens); None: only the context.
+    max_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
