@@ -328,7 +328,7 @@ class TaggedDevices:
 
 async def test_a_tagged_device_cannot_cancel_another_ones_request(engine):
     from lmlink.api.core import Core, ServerFacts
-    from lmlink.api.grpc_service import InferenceService
+    from lmlink.api.grpc_service import InferenceService, add_servicer
     from lmlink.api.limits import Guard
     from lmlink.api.models import ModelManager
     from lmlink.api.streams import StreamHub
@@ -337,7 +337,7 @@ async def test_a_tagged_device_cannot_cancel_another_ones_request(engine):
     models.add(engine)
     core = Core(models, Guard(TokenGate(), None, bearer=TaggedDevices()), ServerFacts("t", "tailscaled"))
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(InferenceService(core), server)
+    add_servicer(pb_grpc.add_InferenceServicer_to_server, InferenceService(core), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     target = f"127.0.0.1:{port}"

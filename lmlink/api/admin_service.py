@@ -19,8 +19,6 @@ from lmlink.v1 import admin_pb2 as pb
 from lmlink.v1 import admin_pb2_grpc as pb_grpc
 
 from .core import Core
-from .errors import CallError
-from .grpc_service import abort
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -30,10 +28,8 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def Run(self, request: pb.AdminRequest, context: grpc.aio.ServicerContext) -> pb.AdminReply:
         metadata = dict(context.invocation_metadata() or ())
-        try:  # the same identity call as every other door
-            caller = await self._core.identify(context.peer(), metadata.get("authorization"))
-        except CallError as error:
-            await abort(context, error)
+        # the same identity call as every other door (a CallError is mapped by add_servicer)
+        caller = await self._core.identify(context.peer(), metadata.get("authorization"))
         identity = caller.identity
         if not identity.is_owner:
             await context.abort(
