@@ -304,7 +304,8 @@ class Guard:
             try:
                 self.access.audit.begin(rec)
             except Exception as exc:  # cannot account for it: give the slot back, refuse
-                log.exception("cannot record request %s", rec.request_id)
+                log.error("cannot record request %s: %s", rec.request_id, type(exc).__name__)
+                log.debug("audit begin failed", exc_info=True)
                 lease.cut(Refusal("unavailable", f"the server cannot record usage now ({exc})",
                                   retry_after=5.0, code="unavailable", outcome="failed"))
                 lease.close()
@@ -357,7 +358,8 @@ class Guard:
             try:
                 self.access.audit.finish(lease.rec)
             except Exception:  # never let bookkeeping break the caller's stream
-                log.exception("could not write the audit record of %s", lease.rec.request_id)
+                log.error("could not write the audit record of %s", lease.rec.request_id)
+                log.debug("audit finish failed", exc_info=True)
 
     # ----- live checks ---------------------------------------------------------------------
 
@@ -433,8 +435,9 @@ class Guard:
                     self.access.prune()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("access check failed; retrying")
+            except Exception as exc:
+                log.error("access check failed (%s); retrying", type(exc).__name__)
+                log.debug("access check failure", exc_info=True)
 
     def start(self) -> None:
         if self._task is None:
