@@ -413,3 +413,30 @@ async def test_a_grant_limits_prompt_tokens(engine):
             assert again.usage.completion_tokens >= 1  # nothing was held by the refusal
     finally:
         await listener.stop()
+
+
+def test_template_and_tokenizer_failures_are_the_callers_bad_input():
+    import jinja2
+
+    from lmlink.engine.prompts import encode_prompt
+    from lmlink.engine.types import ChatTurn, GenerationRequest, InvalidRequest
+
+    class Tokenizer:
+        chat_template = "{{ raise_exception('roles must alternate') }}"
+
+        def apply_chat_template(self, messages: Any, **_: Any) -> str:
+            return jinja2.Environment().from_string(self.chat_template).render(
+                messages=messages, raise_exception=self._raise)
+
+        @staticmethod
+        def _raise(message: str) -> None:
+            raise jinja2.TemplateError(message)
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+
+    chat = GenerationRequest("c", messages=(ChatTurn("user", "hi"), ChatTurn("user", "again")))
+    with pytest.raises(InvalidRequest, match="chat template rejected.*roles must alternate"):
+        encode_prompt(Tokenizer(), chat)
+    with pytest.raises(InvalidRequest, match="cannot be tokenized: TypeError"):
+        encode_prompt(Tokenizer(), GenerationRequest("p", prompt="a\ud800b"))
