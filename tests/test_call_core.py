@@ -105,6 +105,26 @@ def test_huge_prompts_do_not_stall_anyone(small):
     assert worst and max(worst) < 1.0, f"/health took up to {max(worst):.2f} s"
 
 
+def test_clients_that_leave_at_once_leave_nothing_held(small):
+    """Send a streamed request and hang up before the answer starts, 3 x max-batch times."""
+    host, port = small.http.rsplit(":", 1)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True,
+                       "stream": True}).encode()
+    for i in range(3 * MAX_BATCH):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(body), body))
+            if i % 2:
+                s.recv(1)  # half of them wait for the response to begin
+    with Client(small.address, timeout=30) as c:
+        deadline = time.monotonic() + 10
+        while c.server_info().active_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.server_info().active_streams == 0
+        assert c.chat(ASK, max_tokens=4).finish_reason in ("stop", "length")
+
+
 def test_lone_surrogate_through_the_grpc_client_and_the_wire(small):
     with Client(small.address, timeout=30) as c:
         with pytest.raises(InvalidArgument, match="not valid Unicode"):

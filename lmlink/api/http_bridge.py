@@ -127,7 +127,7 @@ class HttpBridge:
         gen = await self.core.open(caller, call.model, call.request, "http")
         headers = {"x-request-id": gen.request_id}
         if call.stream:
-            return EventStream(self._chunks(gen, call), headers)
+            return EventStream(self._chunks(gen, call), headers, on_close=gen.close)
         async with gen:
             try:
                 text, done = await unless_disconnected(request.receive, gen.collect())
