@@ -236,13 +236,13 @@ class Core:
                    via: str) -> Generation:
         """Admit and submit `request`; the Generation must be closed (or iterated to its end)."""
         engine = self.models.resolve(model)
-        _check_prompt_size(request, engine)
         request = replace(request, owner=owner_key(caller.identity))
-        lease = await self.guard.admit(caller, engine, request, via)
+        lease = await self.guard.admit(caller, engine, request, via)  # grants first: deny by default
         if lease.request is not None:
             request = lease.request  # max_tokens within the quota left
         queue = self.models.hub.open()
         try:
+            _check_prompt_size(request, engine)
             request_id = await _submit(engine, request, queue)
         except BaseException as exc:
             error = _submit_error(exc, engine.model_id)
