@@ -5,8 +5,8 @@ and turns events and `CallError`s back into its wire form. The core decides:
 
 - `identify(peer, credentials) -> Caller`: who is calling (the transport peer, or a bearer
   token). One call for every door; an instance attribute, so tests can swap it.
-- `open(caller, model, request, via) -> Generation`: resolve the model, bound the prompt,
-  check grants and limits, wait fairly for a batch slot, submit. The returned `Generation`
+- `open(caller, model, request, via) -> Generation`: resolve the model, check grants and
+  limits, wait fairly for a batch slot, bound the prompt, submit. The returned `Generation`
   always releases its lease and closes its audit row, however the call ends.
 - `list_models`, `find_model`, `server_info`, `cancel`, `load`, `unload`.
 
