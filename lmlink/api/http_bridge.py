@@ -111,6 +111,16 @@ class HttpBridge:
         return await self.core.identify(peer_string(request.scope),
                                         request.headers.get("authorization"))
 
+    # ----- for other doors mounted on this app (Responses, Anthropic Messages) -----------------
+
+    async def open(self, request: Request, model: str, gen: GenerationRequest) -> Generation:
+        """Identify the caller of an HTTP request and open `gen` for it through the core."""
+        return await self.core.open(await self._caller(request), model, gen, "http")
+
+    async def caller_key(self, request: Request) -> str:
+        """A stable key for the caller (state kept per caller, e.g. conversations)."""
+        return _caller_key((await self._caller(request)).identity)
+
     # ----- OpenAI endpoints -----------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Any:
