@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON line when ready (for scripts)"
     )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-format", default="text", choices=("text", "json"),
+                       help="log lines as text or one JSON object per line (for log shippers)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM/Ctrl-C: stop admitting, let running streams finish for up "
+                            "to S seconds, then cut them (a second signal cuts at once; default 30)")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                       help="also serve Prometheus /metrics on 127.0.0.1:N without identity "
+                            "(for a local Prometheus; any local user can read it)")
 
     chat = sub.add_parser(
         "chat",
@@ -333,10 +341,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lmlink.front_door import TailnetSettings, default_state_dir
     from lmlink.server import RunningServer, ServeOptions, serve
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from lmlink.observe import logs
+
+    logs.configure(args.log_level, args.log_format)
     if args.max_batch < 1:
         raise CliError("--max-batch must be at least 1")
     if not 0 <= args.stream_pace_ms <= 1000:
@@ -371,6 +378,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.idle_ttl < 0:
         raise CliError("--idle-ttl must not be negative")
     options.idle_ttl = args.idle_ttl
+    options.drain_timeout = args.drain_timeout
+    options.metrics_port = args.metrics_port
     status = console.status(f"loading model {args.model} ...", spinner="dots")
 
     def on_progress(message: str) -> None:

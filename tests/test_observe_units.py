@@ -45,7 +45,7 @@ def test_calls_feed_views_and_metrics() -> None:
     assert [a["principal"] for a in snap["active"]] == ["bob@x"]
     assert snap["outcomes"] == {"completed": 1, "refused": 1}
     assert snap["recent_refusals"][0]["reason"] == "quota_exceeded"
-    assert sum(p["tokens_per_second"] for p in snap["tokens_per_second"]) == 21 / 10
+    assert snap["tokens_per_second"] == []  # fed by sample_generated, not by call ends
     s = _samples(metrics)
     assert s[("lmlink_requests_total", (("door", "grpc"), ("model", "m"), ("outcome", "completed")))] == 1
     assert s[("lmlink_tokens_total", (("kind", "completion"), ("model", "m")))] == 21
@@ -71,11 +71,15 @@ def test_principal_labels_are_capped() -> None:
     assert principals == {"user0", "user1", "user2", OTHER}
 
 
-def test_history_forgets_after_the_window() -> None:
+def test_history_spreads_samples_and_forgets_after_the_window() -> None:
     clock = Clock()
+    clock.now = 1_000_000.0  # a bucket boundary
     tel = Telemetry(clock=clock)
-    tel.call_started("a", "p", "m", "grpc")
-    tel.call_ended("a", "completed", CallUsage(completion_tokens=50))
-    assert tel.snapshot()["tokens_per_second"]
+    tel.sample_generated(1000)  # the first sample only sets the baseline
+    assert tel.snapshot()["tokens_per_second"] == []
+    clock.now += 30
+    tel.sample_generated(1600)  # 600 tokens over 30 s: 20 tok/s in each of three buckets
+    assert [p["tokens_per_second"] for p in tel.snapshot()["tokens_per_second"]] == [20.0] * 3
     clock.now += 3600
+    tel.sample_generated(1600)
     assert tel.snapshot()["tokens_per_second"] == []

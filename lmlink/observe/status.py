@@ -28,6 +28,7 @@ def server_status(core: Any, telemetry: Telemetry, *, name: str = "", draining: 
                        max_batch=stats.max_batch_size,
                        tokens_per_second=round(stats.recent_tokens_per_second, 2))
         models.append(row)
+    telemetry.sample_generated(sum(e.stats().generated_tokens for e in core.models.engines()))
     snap = telemetry.snapshot()
     snap.update(server=name, at=time.time(), draining=draining, models=models,
                 cluster=_cluster(core))

@@ -53,6 +53,7 @@ class Telemetry:
         self._refusals: Deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
         self._outcomes: Counter[str] = Counter()
         self._started_at = self.clock()
+        self._last_sample: tuple[float, int] | None = None
 
     # -- reports from the call core -------------------------------------------------------
     def call_started(self, call_id: str, principal: str, model: str, door: str) -> None:
@@ -63,8 +64,6 @@ class Telemetry:
         with self._lock:
             active = self._active.pop(call_id, None)
             self._outcomes[outcome] += 1
-            if usage is not None and usage.completion_tokens:
-                self._add_tokens(usage.completion_tokens)
         if active is not None:
             for listener in self.listeners:
                 listener.on_end(active.principal, active.model, active.door, outcome, usage)
@@ -76,6 +75,23 @@ class Telemetry:
                                    "model": model, "door": door})
         for listener in self.listeners:
             listener.on_refusal(reason, principal, model, door)
+
+    def sample_generated(self, total_tokens: int) -> None:
+        """Feed the engines' running total of generated tokens (read when a view is built);
+        the tokens since the last sample are spread over the seconds in between."""
+        now = self.clock()
+        with self._lock:
+            last, self._last_sample = self._last_sample, (now, total_tokens)
+            if last is None or total_tokens <= last[1] or now <= last[0]:
+                return
+            start, tokens = max(last[0], now - WINDOW_S), total_tokens - last[1]
+            rate = tokens / (now - last[0])
+            t = start
+            while t < now:
+                step = min(BUCKET_S - t % BUCKET_S, now - t)
+                self._add_tokens(t, rate * step)
+                t += step
+            self._expire(now)
 
     # -- views ----------------------------------------------------------------------------
     def active_by_principal(self) -> dict[str, int]:
@@ -101,13 +117,11 @@ class Telemetry:
             }
 
     # -- internals ------------------------------------------------------------------------
-    def _add_tokens(self, n: int) -> None:
-        now = self.clock()
-        start = now - now % BUCKET_S
+    def _add_tokens(self, at: float, n: float) -> None:
+        start = at - at % BUCKET_S
         if not self._buckets or self._buckets[-1][0] != start:
             self._buckets.append([start, 0.0])
         self._buckets[-1][1] += n
-        self._expire(now)
 
     def _expire(self, now: float) -> None:
         while self._buckets and self._buckets[0][0] < now - WINDOW_S:
