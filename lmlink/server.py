@@ -146,7 +146,7 @@ async def serve(
         stack.push_async_callback(guard.aclose)
         core = Core(models, guard, ServerFacts(name=options.name, listen_mode=options.listen))
         views = StatusViews(core)
-        grpc_address, health = await stack.enter_async_context(build_grpc(core, door, options))
+        grpc_address, health = await stack.enter_async_context(build_grpc(core, door, options, views))
         http_address = await stack.enter_async_context(build_http(core, door, options, views))
         if options.metrics_port is not None:
             stack.callback(start_metrics_port(views, options.metrics_port))
@@ -245,7 +245,8 @@ async def _first_engine(models: ModelManager, options: ServeOptions, loaded: Loa
 
 
 @contextlib.asynccontextmanager
-async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
+async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions,
+                     views: StatusViews | None = None) -> Any:
     """The gRPC server (Inference, Admin, Health, reflection), listening and exposed.
 
     Yields (public address, set_health(serving)); health is NOT_SERVING until set.
@@ -257,10 +258,16 @@ async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
         from lmlink.v1 import admin_pb2_grpc
 
         add_servicer(admin_pb2_grpc.add_AdminServicer_to_server, AdminService(core.guard), server)
+    from lmlink.api.observe_service import ObserveService
+    from lmlink.v1 import observe_pb2, observe_pb2_grpc
+
+    add_servicer(observe_pb2_grpc.add_ObserveServicer_to_server,
+                 ObserveService(core, views or StatusViews(core)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         observe_pb2.DESCRIPTOR.services_by_name["Observe"].full_name,
          reflection.SERVICE_NAME),
         server,
     )
