@@ -224,3 +224,34 @@ def test_real_prometheus_scrapes_both_ports(tmp_path):
         prom.terminate()
         prom.wait(10)
         stop_server(srv.process)
+
+
+def test_lmlink_top_shows_streams_over_grpc(tmp_path):
+    from conftest import lmlink_cmd
+
+    srv = _state_dir_server(tmp_path)
+    try:
+        streams = Streams(srv.address, 2, **LONG)
+        snap = subprocess.run(lmlink_cmd("top", "--server", srv.address, "--json"),
+                              capture_output=True, text=True, timeout=60)
+        assert snap.returncode == 0, snap.stderr
+        status = json.loads(snap.stdout)
+        assert [m["name"] for m in status["models"]] == [srv.model]
+        assert [a["door"] for a in status["active"]] == ["grpc", "grpc"]
+        frame = subprocess.run(lmlink_cmd("top", "--server", srv.address, "--once"),
+                               capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "COLUMNS": "100"})
+        assert frame.returncode == 0, frame.stderr
+        assert "active streams" in frame.stdout and frame.stdout.count("grpc") == 2
+        live = subprocess.Popen(lmlink_cmd("top", "--server", srv.address, "--interval", "0.2"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "COLUMNS": "100"})
+        time.sleep(2.0)
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=20)
+        assert live.returncode == 130 and "Traceback" not in err, err
+        assert "active streams" in out  # (not a terminal: rich prints the last frame)
+        for s in streams.threads:
+            s.join(0)
+    finally:
+        stop_server(srv.process)
