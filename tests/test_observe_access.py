@@ -7,7 +7,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmlink.access.state import AccessState
-from test_tokens_http import guarded_bridge
+from lmlink.access.gate import PolicyGate
+from lmlink.api.limits import Guard
+from support.inprocess import http_bridge
 
 
 async def test_status_needs_info_and_metrics_needs_the_metrics_action(engine, tmp_path):
@@ -20,7 +22,9 @@ async def test_status_needs_info_and_metrics_needs_the_metrics_action(engine, tm
     state.shares.add("carol@example.com", ["*"], actions=["metrics"])
     state.shares.add("eve@example.com", ["*"], actions=["generate"])
     auth = lambda t: {"authorization": f"Bearer {t}"}  # noqa: E731
-    async with guarded_bridge(engine, state) as url, httpx.AsyncClient(base_url=url) as h:
+    gate = PolicyGate(lambda peer: None, state.policy)  # nobody identified: tokens name callers
+    async with http_bridge(engine, gate, guard=Guard(gate, state)) as (url, _), \
+            httpx.AsyncClient(base_url=url) as h:
         r = await h.post("/v1/chat/completions", headers=auth(bob), json={
             "model": engine.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200
