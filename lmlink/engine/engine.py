@@ -92,6 +92,7 @@ class _Request:
     pending: list[Event] = field(default_factory=list)
     done: bool = False  # final event made (a stop string may leave it in the batch one step)
     fetched: Any = None  # (cache, rest) from the prompt cache, between deciding and admitting
+    fault: Exception | None = None  # this request's own sampler/processor raised mid-step
 
 
 class _NoSink:
@@ -123,6 +124,7 @@ class Engine:
         self.cluster: Any = None  # cluster facts (ranks, hosts, backend) for status, if any
         self._tokenizer = loaded.tokenizer
         self._eos = sorted(set(loaded.tokenizer.eos_token_ids or ()))
+        self._vocab_size = _vocab_size(loaded)
         self._eos_stops = StopSequences([[t] for t in self._eos])
         self._no_stops = StopSequences()
         self._lock = threading.Lock()
@@ -165,7 +167,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> str:
         """Validate, tokenize and queue a request; raises `EngineError` subclasses synchronously."""
-        request.sampling.validate()
+        request.sampling.validate(self._vocab_size)
         prompt = encode_prompt(self._tokenizer, request)
         context = self.loaded.context_length
         if len(prompt) >= context:
@@ -377,12 +379,18 @@ class Engine:
         if commands.removes:
             self._apply_removes(generator, commands.removes)
         for cmd, state in admits:
-            self._admit(generator, cmd, state)
+            try:
+                self._admit(generator, cmd, state)
+            except LockstepError:
+                raise
+            except Exception as exc:  # this request's own setup failed (same on every rank)
+                self._fail_request(state, exc)
             touched[id(state)] = state
         if self._live:
             prompt_responses, generation_responses = generator.next()
             self._on_prompt_progress(prompt_responses, touched)
             self._on_tokens(generator, generation_responses, touched)
+            self._on_faults(touched)
         if self.lockstep.rank == 0:
             self._deliver(touched.values())
 
@@ -414,13 +422,18 @@ class Engine:
                 cache, rest = None, prompt
         cached = len(prompt) - len(rest)
         sampling = cmd.sampling
+
+        def on_fault(exc: Exception) -> None:
+            if state.fault is None:
+                state.fault = exc
+
         (uid,) = generator.insert(
             [rest],
             max_tokens=[cmd.max_tokens],
             caches=[cache],
             all_tokens=[prompt[:cached]],
-            samplers=[make_sampler(sampling)],
-            logits_processors=[make_processors(sampling)],
+            samplers=[make_sampler(sampling, on_fault)],
+            logits_processors=[make_processors(sampling, on_fault)],
             stop_sequences=[self._no_stops if sampling.ignore_eos else self._eos_stops],
         )
         state.uid = uid
@@ -473,7 +486,7 @@ class Engine:
                 self._live.pop(state.request.request_id, None)
                 self._by_uid.pop(r.uid, None)
                 self._remember_cache(r.all_tokens, r.prompt_cache)
-            if not leader or state.done:
+            if not leader or state.done or state.fault is not None:
                 continue
             touched[id(state)] = state
             if not state.first_token:
@@ -504,6 +517,37 @@ class Engine:
         self._recent.append((now, len(responses)))
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
+
+    def _on_faults(self, touched: dict[int, _Request]) -> None:
+        """Fail the requests whose own sampler or processor raised in this step, and only them.
+
+        The guard gave the batch a harmless token for them, so the step completed for
+        everyone; every rank saw the same fault, and rank 0 removes them at the next step.
+        """
+        for state in list(self._by_uid.values()):
+            if state.fault is None or state.done:
+                continue
+            rid = state.request.request_id
+            if self.lockstep.rank == 0:
+                if rid in self._live:
+                    self._deferred.append(Remove(rid, "cancelled"))
+                self._fail_request(state, state.fault)
+                touched[id(state)] = state
+            else:
+                state.done = True
+
+    def _fail_request(self, state: _Request, exc: Exception) -> None:
+        """End one request with an error that names its own cause; the batch carries on."""
+        log.warning(
+            "request %s failed in its sampler: %s: %s",
+            state.request.request_id, exc.__class__.__name__, exc,
+        )
+        state.done = True
+        with self._lock:
+            self._by_id.pop(state.request.request_id, None)
+        state.pending.append(
+            Failed(InvalidRequest(f"this request's sampling parameters failed: {exc}"))
+        )
 
     def _remember_cache(self, tokens: list[int] | None, cache: Any) -> None:
         if tokens and cache is not None:
@@ -563,6 +607,17 @@ class Engine:
             s.done = True
             s.pending.append(Failed(error))
         self._deliver(states)
+
+
+def _vocab_size(loaded: LoadedModel) -> int | None:
+    """The width of the model's logits (what `top_k` is checked against), if it can be told."""
+    args = getattr(loaded.model, "args", None)
+    size = getattr(args, "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    with contextlib.suppress(Exception):
+        return len(loaded.tokenizer.vocab) or None
+    return None
 
 
 def _cached_len(prompt: list[int], cache: Any, rest: list[int]) -> int:
