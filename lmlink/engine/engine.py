@@ -26,6 +26,7 @@ from .loader import LoadedModel
 from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
 from .prompts import encode_prompt
 from .sampling import make_processors, make_sampler
+from .speculative import SpecStats, SpeculativeBatch, speculation_possible
 from .stops import StopStringMatcher
 from .types import (
     Completed,
@@ -62,6 +63,9 @@ class EngineConfig:
     # the batch is) so that arrivals share one prefill pass and one merge into the batch:
     # each pass stalls every running stream for about two decode steps. 0 = admit at once.
     admit_window_s: float = 0.1
+    # Speculative decoding: "prompt-lookup" (drafts from the request's own text, verified in
+    # the batch step) or "off". A request may override it (SamplingOptions.speculate).
+    speculate: str = "off"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class _Request:
     done: bool = False  # final event made (a stop string may leave it in the batch one step)
     fetched: Any = None  # (cache, rest) from the prompt cache, between deciding and admitting
     fault: Exception | None = None  # this request's own sampler/processor raised mid-step
+    spec: SpecStats | None = None  # speculation counters, when the request speculates
 
 
 class _NoSink:
@@ -150,6 +155,8 @@ class Engine:
         self._admitting: dict[str, _Request] = {}
         self._generated_tokens = 0
         self._recent: deque[tuple[float, int]] = deque()
+        self._spec_batch: SpeculativeBatch | None = None
+        self._can_speculate = speculation_possible(loaded.model)
 
     # ----- public, thread-safe --------------------------------------------------------------
 
@@ -257,7 +264,7 @@ class Engine:
 
     def _new_generator(self) -> BatchGenerator:
         cfg = self.config
-        return BatchGenerator(
+        generator = BatchGenerator(
             self.loaded.model,
             max_tokens=cfg.default_max_tokens,
             stop_tokens=[[t] for t in self._eos],
@@ -266,6 +273,14 @@ class Engine:
             prefill_batch_size=min(cfg.prefill_batch_size, cfg.max_batch_size),
             prefill_step_size=cfg.prefill_step_size,
         )
+        # Speculation lives in the generation batch, which mlx-lm keeps for the generator's
+        # life (it only extends and filters it); installed whenever the model allows it, as
+        # requests may ask for speculation even when the server default is off.
+        self._spec_batch = None
+        if self._can_speculate:
+            self._spec_batch = SpeculativeBatch.create(self.loaded.model, generator.sampler)
+            generator._generation_batch = self._spec_batch
+        return generator
 
     def _run(self) -> None:
         generator = self._new_generator()
@@ -363,6 +378,8 @@ class Engine:
             if sampling.temperature > 0 and sampling.seed is None:
                 # Every rank must draw the same tokens: fix the seed here, once.
                 sampling = replace(sampling, seed=self._seeds.getrandbits(63))
+            if sampling.speculate is None:  # every rank applies rank 0's choice
+                sampling = replace(sampling, speculate=self.config.speculate != "off")
             cache, rest = self._prompt_cache.fetch_nearest_cache(self.model_id, state.prompt)
             state.fetched = (cache, rest)
             admits.append(
@@ -427,15 +444,23 @@ class Engine:
             if state.fault is None:
                 state.fault = exc
 
+        processors = make_processors(sampling, on_fault)
         (uid,) = generator.insert(
             [rest],
             max_tokens=[cmd.max_tokens],
             caches=[cache],
             all_tokens=[prompt[:cached]],
             samplers=[make_sampler(sampling, on_fault)],
-            logits_processors=[make_processors(sampling, on_fault)],
+            logits_processors=[processors],
             stop_sequences=[self._no_stops if sampling.ignore_eos else self._eos_stops],
         )
+        # A processor with state (e.g. constrained decoding) cannot see draft tokens that may
+        # be rejected: such a request does not speculate.
+        if (
+            sampling.speculate and self._spec_batch is not None
+            and all(getattr(p, "stateless", False) for p in processors)
+        ):
+            state.spec = self._spec_batch.enable(uid)
         state.uid = uid
         state.admitted = time.perf_counter()
         state.cached_tokens = cached
@@ -575,6 +600,7 @@ class Engine:
                 else 0.0,
                 prompt_tokens_per_second=computed / prefill_s if prefill_s > 0 else 0.0,
                 queued_ms=((state.admitted or now) - state.submitted) * 1000,
+                **_spec_timings(state.spec),
             )
         )
 
@@ -607,6 +633,17 @@ class Engine:
             s.done = True
             s.pending.append(Failed(error))
         self._deliver(states)
+
+
+def _spec_timings(spec: SpecStats | None) -> dict[str, Any]:
+    if spec is None or not spec.steps:
+        return {}
+    return {
+        "draft_tokens": spec.drafted,
+        "accepted_draft_tokens": spec.accepted,
+        "draft_acceptance_rate": spec.accepted / spec.drafted if spec.drafted else 0.0,
+        "tokens_per_step": spec.tokens / spec.steps,
+    }
 
 
 def _vocab_size(loaded: LoadedModel) -> int | None:

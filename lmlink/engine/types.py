@@ -54,6 +54,8 @@ class SamplingOptions:
     seed: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    # Speculative decoding for this request: None = the server's default (`--speculate`).
+    speculate: bool | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Refuse values that could fail later inside the shared batch step.
@@ -154,6 +156,12 @@ class Completed:
     tokens_per_second: float
     prompt_tokens_per_second: float
     queued_ms: float
+    # Speculative decoding (zero when the request did not speculate): draft tokens verified,
+    # how many were kept, and completion tokens per decode step (the speed-up's upper bound).
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    draft_acceptance_rate: float = 0.0
+    tokens_per_step: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,130 @@
+"""Speculative decoding (prompt lookup) inside the batch: same tokens as plain decoding.
+
+The builtin toy model, in-process engine. Each request runs with speculation forced off and
+forced on (the per-request override); token ids must be identical for greedy and for seeded
+sampling, alone and with concurrent streams in the batch, and prompts that repeat their
+input must actually accept drafts (else the test would prove nothing).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lmlink.engine.engine import Engine, EngineConfig
+from lmlink.engine.speculative import _Row, SpecStats
+from lmlink.engine.types import ChatTurn, Completed, GenerationRequest, SamplingOptions
+from support.collect import CollectingSink, completed, token_ids
+
+PASSAGE = (
+    "The river runs to the sea. The river runs past the mill and the mill wheel turns. "
+    "The river runs to the sea and the sea is wide. "
+)
+PROMPTS = [
+    "Once upon a time",
+    "Tell me about rivers.",
+    "Copy this text exactly: " + PASSAGE * 3,
+    "Rewrite with small changes: " + PASSAGE * 2,
+    "the the the the the the the the",
+]
+
+
+@pytest.fixture(scope="module")
+def spec_engine(loaded_model):
+    eng = Engine(loaded_model, EngineConfig(speculate="prompt-lookup"))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def req(prompt: str, speculate: bool, chat: bool = False, **sampling) -> GenerationRequest:
+    s = SamplingOptions(speculate=speculate, **sampling)
+    if chat:
+        return GenerationRequest("", messages=(ChatTurn("user", prompt),), sampling=s)
+    return GenerationRequest("", prompt=prompt, sampling=s)
+
+
+def run_all(engine: Engine, requests: list[GenerationRequest]) -> list[list]:
+    sinks = []
+    for r in requests:
+        s = CollectingSink()
+        engine.submit(r, s)
+        sinks.append(s)
+    return [s.wait(120) for s in sinks]
+
+
+SAMPLINGS = [
+    dict(max_tokens=60, ignore_eos=True),
+    dict(max_tokens=60, ignore_eos=True, temperature=0.8, seed=7),
+    dict(max_tokens=60, ignore_eos=True, temperature=0.3, top_p=0.9, top_k=50, seed=11),
+    dict(max_tokens=60, ignore_eos=True, repetition_penalty=1.3),
+    dict(max_tokens=60, ignore_eos=True, temperature=0.3, min_p=0.05, repetition_penalty=1.05, seed=5),
+]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "seeded", "seeded-topk-topp", "rep-penalty", "seeded-rep"])
+def test_one_at_a_time_identical(spec_engine, sampling):
+    accepted = 0
+    for p in PROMPTS:
+        plain = run_all(spec_engine, [req(p, False, **sampling)])[0]
+        fast = run_all(spec_engine, [req(p, True, **sampling)])[0]
+        assert token_ids(fast) == token_ids(plain), p
+        assert completed(plain).draft_tokens == 0
+        if p.startswith("Copy"):
+            assert completed(fast).draft_tokens > 0
+        accepted += completed(fast).accepted_draft_tokens
+    assert accepted > 0, "no draft was ever accepted: the comparison proved nothing"
+
+
+def test_repeating_input_accepts_drafts(spec_engine):
+    events = run_all(spec_engine, [req("Copy this text exactly: " + PASSAGE * 4, True, max_tokens=120, ignore_eos=True)])[0]
+    done = completed(events)
+    assert done.draft_tokens > 0
+    assert done.accepted_draft_tokens > 0
+    assert done.tokens_per_step > 1.2, done
+    assert 0 < done.draft_acceptance_rate <= 1
+
+
+def test_concurrent_streams_identical(spec_engine):
+    """A mixed batch (speculating and not, greedy and seeded, chat and raw) gives every stream
+    the tokens it gets alone without speculation."""
+    requests = []
+    for i, p in enumerate(PROMPTS * 2):
+        sampling = SAMPLINGS[i % len(SAMPLINGS)]
+        requests.append((p, i % 2 == 0, sampling))
+    solo = [token_ids(run_all(spec_engine, [req(p, False, chat=True, **s)])[0]) for p, _, s in requests]
+    together = run_all(spec_engine, [req(p, spec, chat=True, **s) for p, spec, s in requests])
+    assert [token_ids(e) for e in together] == solo
+    assert any(completed(e).accepted_draft_tokens for e in together)
+
+
+def test_stops_and_max_tokens_inside_an_accepted_run(spec_engine):
+    """max_tokens and end-of-sequence can fall in the middle of accepted drafts."""
+    for n in (1, 2, 3, 5, 17):
+        plain = run_all(spec_engine, [req(PROMPTS[2], False, max_tokens=n, ignore_eos=True)])[0]
+        fast = run_all(spec_engine, [req(PROMPTS[2], True, max_tokens=n, ignore_eos=True)])[0]
+        assert token_ids(fast) == token_ids(plain)
+        assert completed(fast).completion_tokens == n
+    for p in PROMPTS:
+        plain = run_all(spec_engine, [req(p, False, max_tokens=200)])[0]
+        fast = run_all(spec_engine, [req(p, True, max_tokens=200)])[0]
+        assert token_ids(fast) == token_ids(plain)
+        assert completed(fast).finish_reason == completed(plain).finish_reason
+
+
+def test_cache_after_speculation_serves_a_follow_up(spec_engine):
+    """The prompt cache saved from a speculating request holds exactly its tokens."""
+    p = "Copy this text exactly: " + PASSAGE * 3
+    first = run_all(spec_engine, [req(p, True, max_tokens=40)])[0]
+    again = run_all(spec_engine, [req(p, True, max_tokens=40)])[0]
+    plain = run_all(spec_engine, [req(p, False, max_tokens=40)])[0]
+    assert token_ids(first) == token_ids(again) == token_ids(plain)
+
+
+def test_prompt_lookup_drafts_what_followed_the_suffix():
+    row = _Row(SpecStats())
+    row.sync([5, 6, 7, 8, 9, 1, 2, 5, 6], 7)
+    assert row.draft(3) == [8, 9, 1]
+    row.sync([5, 6, 7, 8, 9, 1, 2, 5, 6, 7], 8)
+    assert row.draft(10) == [9, 1, 2, 5, 6, 7, 8]
+    row.sync([1, 2, 3], 4)
+    assert row.draft(3) == []
