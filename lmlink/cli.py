@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch", type=_positive_int, default=32, help="concurrent streams decoded together"
     )
     serve.add_argument(
+        "--speculate",
+        choices=("off", "prompt-lookup"),
+        default="prompt-lookup",
+        help="speculative decoding: 'prompt-lookup' drafts tokens from the request's own text "
+        "and verifies them in the batch step (same output, faster on edits, code and quoting "
+        "answers); a request can override it (default: prompt-lookup)",
+    )
+    serve.add_argument(
         "--stream-pace-ms",
         type=float,
         default=10.0,
@@ -352,6 +360,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch,
             max_queue=args.max_queue,
             default_max_tokens=max(1, args.default_max_tokens),
+            speculate=args.speculate,
         ),
         stream_pace_ms=args.stream_pace_ms,
         tailnet=TailnetSettings(

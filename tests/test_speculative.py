@@ -128,3 +128,21 @@ def test_prompt_lookup_drafts_what_followed_the_suffix():
     assert row.draft(10) == [9, 1, 2, 5, 6, 7, 8]
     row.sync([1, 2, 3], 4)
     assert row.draft(3) == []
+
+
+def test_real_server_reports_speculation_and_override(server):
+    """Through `lmlink serve` and the gRPC client: the per-request override works both ways,
+    the tokens agree, and Completed timings carry the acceptance figures."""
+    from lmlink.client import Client
+
+    prompt = "Copy this text exactly: " + PASSAGE * 4
+    with Client(server.address, timeout=120) as c:
+        on = c.complete(prompt, max_tokens=100, ignore_eos=True, speculate=True)
+        off = c.complete(prompt, max_tokens=100, ignore_eos=True, speculate=False)
+        default = c.complete(prompt, max_tokens=100, ignore_eos=True)
+    assert on.token_ids == off.token_ids == default.token_ids
+    t_on, t_off = on.completed.timings, off.completed.timings
+    assert t_on.draft_tokens > 0 and t_on.accepted_draft_tokens > 0
+    assert 0 < t_on.draft_acceptance_rate <= 1 and t_on.tokens_per_step > 1.2
+    assert t_off.draft_tokens == 0 and t_off.tokens_per_step == 0
+    assert default.completed.timings.draft_tokens > 0  # `lmlink serve` speculates by default

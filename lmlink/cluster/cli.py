@@ -9,7 +9,8 @@ import sys
 
 # Serving flags `cluster up` passes to rank 0 (every rank parses them: batching must match).
 _SERVE_FLAGS = ("model", "listen", "grpc_port", "http_port", "state_dir", "localapi_socket",
-                "max_batch", "max_queue", "default_max_tokens", "name", "log_level")
+                "max_batch", "max_queue", "default_max_tokens", "name", "log_level",
+                "speculate")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cluster.add_argument("--max-batch", type=int, default=32)
     cluster.add_argument("--max-queue", type=int, default=1024)
     cluster.add_argument("--default-max-tokens", type=int, default=512)
+    cluster.add_argument("--speculate", choices=("off", "prompt-lookup"), default=None,
+                         help="speculative decoding, as for `lmlink serve` (ranks stay in lockstep)")
     cluster.add_argument("--name", default=None)
     cluster.add_argument("--no-mdns", action="store_true")
     cluster.add_argument("--json", action="store_true",

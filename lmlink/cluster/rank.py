@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every rank parses the same flags: the batching limits must match for lockstep.
     args = build_parser().parse_args(["serve", *argv])
     config = EngineConfig(max_batch_size=args.max_batch, max_queue=args.max_queue,
-                          default_max_tokens=max(1, args.default_max_tokens))
+                          default_max_tokens=max(1, args.default_max_tokens),
+                          speculate=args.speculate)
     if rank == 0:
         return _main_rank0(spec, group, args, config, say)
     return _main_follower(spec, group, rank, args.model, config, say)

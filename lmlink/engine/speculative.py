@@ -40,6 +40,10 @@ NGRAM_MAX = 4  # longest suffix looked up
 NGRAM_MIN = 2  # shorter suffixes match too often by chance to be worth a verify slot
 K_START = 4
 K_MAX = 8
+# Extra positions one verify pass may compute over the whole batch (drafts and the padding of
+# rows with shorter drafts). Decode on a CPU is compute-bound at batch sizes where a GPU is
+# still bandwidth-bound: a full batch gains little from drafts and would pay for the width.
+VERIFY_BUDGET = 16
 
 
 @dataclass
@@ -139,6 +143,9 @@ class SpeculativeBatch(GenerationBatch):
         """Each row's pending token and drafts, or None when no row has a draft."""
         if not all(isinstance(c, BatchKVCache) for c in self.prompt_cache):
             return None
+        limit = min(K_MAX, VERIFY_BUDGET // len(self.uids))
+        if limit < 1:
+            return None
         pending = self._next_tokens.tolist()
         drafts: list[list[int]] = []
         for i, uid in enumerate(self.uids):
@@ -150,7 +157,7 @@ class SpeculativeBatch(GenerationBatch):
                 drafts.append([])
                 continue
             row.sync(self.tokens[i], pending[i])
-            drafts.append(row.draft(min(row.k, room)))
+            drafts.append(row.draft(min(row.k, room, limit)))
         if not any(drafts):
             return None
         return pending, drafts
