@@ -180,3 +180,11 @@ def test_cluster_speculates_in_lockstep(spec_engine):
         assert [g.token_ids for g in again] == expected
     finally:
         down(c)
+
+
+def test_engine_stats_count_drafts(spec_engine):
+    before = spec_engine.stats()
+    done = completed(run_all(spec_engine, [req(PROMPTS[2], True, max_tokens=40, ignore_eos=True)])[0])
+    after = spec_engine.stats()
+    assert after.draft_tokens - before.draft_tokens == done.draft_tokens > 0
+    assert after.accepted_draft_tokens - before.accepted_draft_tokens == done.accepted_draft_tokens

@@ -75,6 +75,8 @@ class EngineStats:
     generated_tokens: int
     recent_tokens_per_second: float
     max_batch_size: int
+    draft_tokens: int = 0  # speculative decoding since start: drafts verified, drafts kept
+    accepted_draft_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -156,6 +158,7 @@ class Engine:
         self._generated_tokens = 0
         self._recent: deque[tuple[float, int]] = deque()
         self._spec_batch: SpeculativeBatch | None = None
+        self._drafted = self._accepted = 0
         self._can_speculate = speculation_possible(loaded.model)
 
     # ----- public, thread-safe --------------------------------------------------------------
@@ -231,6 +234,8 @@ class Engine:
             generated_tokens=self._generated_tokens,
             recent_tokens_per_second=tps,
             max_batch_size=self.config.max_batch_size,
+            draft_tokens=self._drafted,
+            accepted_draft_tokens=self._accepted,
         )
 
     @property
@@ -587,6 +592,9 @@ class Engine:
         decode_s = now - first
         prefill_s = first - state.admitted if state.admitted else 0.0
         computed = len(state.prompt) - state.cached_tokens
+        if state.spec is not None:
+            self._drafted += state.spec.drafted
+            self._accepted += state.spec.accepted
         state.pending.append(
             Completed(
                 finish_reason=reason,
