@@ -258,3 +258,40 @@ def test_step_time_failure_fails_only_its_request(engine, monkeypatch):
         assert token_ids(events) == expected
     assert engine.healthy
     assert completed(run(engine, chat("And afterwards?", max_tokens=5))).completion_tokens >= 1
+
+
+def test_concurrent_requests_share_a_long_prefix(loaded_model):
+    """Requests that arrive together with the same long system prompt compute it once: the
+    first prefills it, the others wait for it and start from its cache, with the tokens they
+    get alone (no prompt cache involved)."""
+    from lmlink.engine.engine import Engine, EngineConfig
+
+    system = "You are a careful assistant who answers about rivers and mills. " * 40
+    questions = [f"Question {i}: where does river {i} run?" for i in range(4)]
+
+    def request(q: str) -> GenerationRequest:
+        return GenerationRequest("", messages=(ChatTurn("system", system), ChatTurn("user", q)),
+                                 sampling=SamplingOptions(max_tokens=12, ignore_eos=True))
+
+    solo = []
+    for q in questions:
+        eng = Engine(loaded_model, EngineConfig(prompt_cache_entries=1))
+        eng.start()
+        solo.append(token_ids(run(eng, request(q))))
+        eng.stop()
+    eng = Engine(loaded_model)
+    eng.start()
+    try:
+        sinks = []
+        for q in questions:
+            s = CollectingSink()
+            eng.submit(request(q), s)
+            sinks.append(s)
+        results = [s.wait() for s in sinks]
+    finally:
+        eng.stop()
+    assert [token_ids(r) for r in results] == solo
+    cached = sorted(completed(r).cached_tokens for r in results)
+    prompt_tokens = completed(results[0]).prompt_tokens
+    assert cached[0] == 0  # the first computes the shared prefix...
+    assert all(c >= prompt_tokens - 20 for c in cached[1:]), cached  # ...the others reuse it

@@ -24,6 +24,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 from .loader import LoadedModel
 from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
+from .prefix import shared_with, worth_caching
 from .prompts import encode_prompt
 from .sampling import make_processors, make_sampler
 from .speculative import SpecStats, SpeculativeBatch, speculation_possible
@@ -100,6 +101,7 @@ class _Request:
     fetched: Any = None  # (cache, rest) from the prompt cache, between deciding and admitting
     fault: Exception | None = None  # this request's own sampler/processor raised mid-step
     spec: SpecStats | None = None  # speculation counters, when the request speculates
+    prefilling: bool = False  # a long prompt still being computed (others may wait for it)
 
 
 class _NoSink:
@@ -376,9 +378,18 @@ class Engine:
                 self._finish(s, "cancelled")
             self._deliver(states)
         admits = []
+        admitted: list[_Request] = []
+        waiting: list[_Request] = []
+        leaders = [s.prompt for s in self._by_uid.values() if s.prefilling]
         for state in admit:
             if state.done:
                 continue
+            if self._can_speculate and leaders and shared_with(state.prompt, leaders):
+                waiting.append(state)  # its long prefix is being computed: reuse it soon
+                continue
+            if self._can_speculate and worth_caching(state.prompt):
+                leaders.append(state.prompt)
+            admitted.append(state)
             sampling = state.request.sampling
             if sampling.temperature > 0 and sampling.seed is None:
                 # Every rank must draw the same tokens: fix the seed here, once.
@@ -391,7 +402,10 @@ class Engine:
                 Admit(state.request.request_id, state.prompt, state.max_tokens, sampling,
                       _cached_len(state.prompt, cache, rest))
             )
-        self._admitting = {s.request.request_id: s for s in admit if not s.done}
+        if waiting:
+            with self._lock:
+                self._incoming.extendleft(reversed(waiting))
+        self._admitting = {s.request.request_id: s for s in admitted}
         return StepCommands(admits, removes)
 
     def _step(self, generator: BatchGenerator, commands: StepCommands) -> None:
@@ -410,7 +424,7 @@ class Engine:
             touched[id(state)] = state
         if self._live:
             prompt_responses, generation_responses = generator.next()
-            self._on_prompt_progress(prompt_responses, touched)
+            self._on_prompt_progress(generator, prompt_responses, touched)
             self._on_tokens(generator, generation_responses, touched)
             self._on_faults(touched)
         if self.lockstep.rank == 0:
@@ -467,6 +481,7 @@ class Engine:
         ):
             state.spec = self._spec_batch.enable(uid)
         state.uid = uid
+        state.prefilling = self._can_speculate and worth_caching(prompt)
         state.admitted = time.perf_counter()
         state.cached_tokens = cached
         self._by_uid[uid] = state
@@ -493,9 +508,19 @@ class Engine:
                 cache, tokens = caches.get(uid, (None, None))
                 self._remember_cache(tokens, cache)
 
-    def _on_prompt_progress(self, responses: Sequence[Any], touched: dict[int, _Request]) -> None:
+    def _on_prompt_progress(
+        self, generator: BatchGenerator, responses: Sequence[Any], touched: dict[int, _Request]
+    ) -> None:
         for r in responses:
             state = self._by_uid.get(r.uid)
+            if state is not None and r.end_of_prompt and state.prefilling:
+                # Share the freshly computed prompt with later arrivals now (every rank does
+                # the same, so prompt caches stay identical across a cluster).
+                state.prefilling = False
+                cache, tokens = generator.extract_cache([r.uid]).get(r.uid, (None, None))
+                if tokens is not None and len(tokens) == len(state.prompt):
+                    mx.eval([c.state for c in cache])  # a copy: the batch moves on
+                    self._remember_cache(tokens, cache)
             processed, total = r.progress
             # One-chunk prompts finish before a progress report would be useful.
             if state is None or total <= self.config.prefill_step_size or r.end_of_prompt:
