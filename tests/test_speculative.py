@@ -84,17 +84,23 @@ def test_repeating_input_accepts_drafts(spec_engine):
     assert 0 < done.draft_acceptance_rate <= 1
 
 
-def test_concurrent_streams_identical(spec_engine):
-    """A mixed batch (speculating and not, greedy and seeded, chat and raw) gives every stream
-    the tokens it gets alone without speculation."""
+@pytest.mark.parametrize("streams", [2, 4, 6])
+def test_concurrent_streams_identical(spec_engine, streams):
+    """A mixed batch (speculating and not, greedy and seeded, chat) gives every stream the
+    tokens it gets alone without speculation. (Drafts per stream shrink as the batch grows;
+    with 5+ streams none are verified until streams finish.)"""
+    order = [2, 3, 0, 4, 1, 2]
     requests = []
-    for i, p in enumerate(PROMPTS * 2):
+    for i in range(streams):
         sampling = SAMPLINGS[i % len(SAMPLINGS)]
-        requests.append((p, i % 2 == 0, sampling))
+        requests.append((PROMPTS[order[i]], i != 2, sampling))
     solo = [token_ids(run_all(spec_engine, [req(p, False, chat=True, **s)])[0]) for p, _, s in requests]
     together = run_all(spec_engine, [req(p, spec, chat=True, **s) for p, spec, s in requests])
     assert [token_ids(e) for e in together] == solo
-    assert any(completed(e).accepted_draft_tokens for e in together)
+    if streams <= 4:
+        assert any(completed(e).accepted_draft_tokens for e in together)
+    else:  # over the per-step budget: plain steps only
+        assert not any(completed(e).draft_tokens for e in together)
 
 
 def test_stops_and_max_tokens_inside_an_accepted_run(spec_engine):
