@@ -43,8 +43,8 @@ K_MAX = 8
 # Positions one verify pass may compute over the whole batch (pending tokens, drafts and the
 # padding of rows with shorter drafts): a lone stream verifies up to 7 drafts, 2 streams 3
 # each, 4 streams 1, 5 or more none. Decode on a CPU is compute-bound already at small batches
-# (measured here: 8 streams of chat on SmolLM2-135M lost 14% with 3 positions per stream),
-# where a GPU would still be bandwidth-bound and could afford more.
+# (here, 8 streams of chat on SmolLM2-135M with 3 positions per stream: paired runs 0.86x and
+# 1.04x of plain decoding, so no gain), where a GPU would still be bandwidth-bound.
 VERIFY_POSITIONS = 8
 
 
