@@ -26,8 +26,8 @@ from .loader import LoadedModel
 from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
 from .prefix import shared_with, worth_caching
 from .prompts import encode_prompt
-from .sampling import make_processors, make_sampler
-from .speculative import SpecStats, SpeculativeBatch, speculation_possible
+from .sampling import make_processors, make_sampler, vocab_size
+from .speculative import SpecStats, SpeculativeBatch, spec_timings, speculation_possible
 from .stops import StopStringMatcher
 from .types import (
     Completed,
@@ -133,7 +133,7 @@ class Engine:
         self.cluster: Any = None  # cluster facts (ranks, hosts, backend) for status, if any
         self._tokenizer = loaded.tokenizer
         self._eos = sorted(set(loaded.tokenizer.eos_token_ids or ()))
-        self._vocab_size = _vocab_size(loaded)
+        self._vocab_size = vocab_size(loaded.model, loaded.tokenizer)
         self._eos_stops = StopSequences([[t] for t in self._eos])
         self._no_stops = StopSequences()
         self._lock = threading.Lock()
@@ -633,7 +633,7 @@ class Engine:
                 else 0.0,
                 prompt_tokens_per_second=computed / prefill_s if prefill_s > 0 else 0.0,
                 queued_ms=((state.admitted or now) - state.submitted) * 1000,
-                **_spec_timings(state.spec),
+                **spec_timings(state.spec),
             )
         )
 
@@ -666,28 +666,6 @@ class Engine:
             s.done = True
             s.pending.append(Failed(error))
         self._deliver(states)
-
-
-def _spec_timings(spec: SpecStats | None) -> dict[str, Any]:
-    if spec is None or not spec.steps:
-        return {}
-    return {
-        "draft_tokens": spec.drafted,
-        "accepted_draft_tokens": spec.accepted,
-        "draft_acceptance_rate": spec.accepted / spec.drafted if spec.drafted else 0.0,
-        "tokens_per_step": spec.tokens / spec.steps,
-    }
-
-
-def _vocab_size(loaded: LoadedModel) -> int | None:
-    """The width of the model's logits (what `top_k` is checked against), if it can be told."""
-    args = getattr(loaded.model, "args", None)
-    size = getattr(args, "vocab_size", None)
-    if isinstance(size, int) and size > 0:
-        return size
-    with contextlib.suppress(Exception):
-        return len(loaded.tokenizer.vocab) or None
-    return None
 
 
 def _cached_len(prompt: list[int], cache: Any, rest: list[int]) -> int:

@@ -150,3 +150,14 @@ def guard_processor(processor: Processor, on_fault: FaultHandler) -> Processor:
 
     guarded.stateless = True  # type: ignore[attr-defined]  # safe to apply to draft tokens
     return guarded
+
+
+def vocab_size(model: object, tokenizer: object) -> int | None:
+    """The width of the model's logits (what `top_k` is checked against), if it can be told."""
+    size = getattr(getattr(model, "args", None), "vocab_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    try:
+        return len(tokenizer.vocab) or None  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - unknown tokenizer shape: no bound
+        return None

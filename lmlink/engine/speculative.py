@@ -275,3 +275,15 @@ class SpeculativeBatch(GenerationBatch):
             if any(extra):
                 c._right_padding = mx.array(extra)
                 c.finalize()
+
+
+def spec_timings(spec: SpecStats | None) -> dict[str, Any]:
+    """The `Completed` fields for a request's speculation (none if it did not speculate)."""
+    if spec is None or not spec.steps:
+        return {}
+    return {
+        "draft_tokens": spec.drafted,
+        "accepted_draft_tokens": spec.accepted,
+        "draft_acceptance_rate": spec.accepted / spec.drafted if spec.drafted else 0.0,
+        "tokens_per_step": spec.tokens / spec.steps,
+    }
