@@ -157,7 +157,9 @@ def test_real_server_reports_speculation_and_override(server):
 def test_cluster_speculates_in_lockstep(spec_engine):
     """A 2-rank MPI cluster (pipeline) with speculation on: ranks draft and verify from the
     same token history, so they stay in lockstep; tokens equal the single-process engine's
-    without speculation, for greedy and seeded streams running together."""
+    without speculation, for greedy and seeded streams running together. Two requests sharing
+    a long prefix: the second waits for the first's prefill and starts from its cache, on
+    every rank alike (a rank that disagreed would stop the cluster)."""
     import asyncio
     import shutil
     import sys
@@ -169,21 +171,25 @@ def test_cluster_speculates_in_lockstep(spec_engine):
     from test_cluster import down, up
 
     cases = [(p, s) for p in PROMPTS[2:4] for s in SAMPLINGS[:2]]
+    shared = "Notes on the river. " + PASSAGE * 8
+    pair = [(shared + "First question?", SAMPLINGS[0]), (shared + "Second one?", SAMPLINGS[0])]
     expected = [token_ids(run_all(spec_engine, [req(p, False, **s)])[0]) for p, s in cases]
+    expected_pair = [token_ids(run_all(spec_engine, [req(p, False, **s)])[0]) for p, s in pair]
 
-    async def together(address: str):
+    async def together(address: str, items):
         async with AsyncClient(address, timeout=120) as ac:
-            return await asyncio.gather(*(
-                ac.complete(p, speculate=True, **s) for p, s in cases
-            ))
+            return await asyncio.gather(*(ac.complete(p, speculate=True, **s) for p, s in items))
 
     c = up("local-2-mpi.toml", "--speculate", "prompt-lookup")
     try:
-        got = asyncio.run(together(c.address))
+        got = asyncio.run(together(c.address, cases))
         assert [g.token_ids for g in got] == expected
         assert sum(g.completed.timings.accepted_draft_tokens for g in got) > 0
-        again = asyncio.run(together(c.address))  # and with prompt-cache hits on every rank
+        again = asyncio.run(together(c.address, cases))  # with prompt-cache hits on every rank
         assert [g.token_ids for g in again] == expected
+        got = asyncio.run(together(c.address, pair))
+        assert [g.token_ids for g in got] == expected_pair
+        assert max(g.completed.usage.cached_tokens for g in got) > 256
     finally:
         down(c)
 
