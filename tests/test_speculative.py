@@ -200,3 +200,19 @@ def test_engine_stats_count_drafts(spec_engine):
     after = spec_engine.stats()
     assert after.draft_tokens - before.draft_tokens == done.draft_tokens > 0
     assert after.accepted_draft_tokens - before.accepted_draft_tokens == done.accepted_draft_tokens
+
+
+def test_openai_body_speculate_override(server):
+    """The HTTP bridge takes `speculate` in the body (official openai SDK, extra_body)."""
+    import openai
+
+    oai = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt = "Copy this text exactly: " + PASSAGE * 3
+    outs = [
+        oai.completions.create(model="builtin", prompt=prompt, max_tokens=60, temperature=0,
+                               extra_body={"speculate": flag, "ignore_eos": True}).choices[0].text
+        for flag in (True, False)
+    ]
+    assert outs[0] == outs[1] and outs[0]
+    with pytest.raises(openai.BadRequestError, match="speculate"):
+        oai.completions.create(model="builtin", prompt="hi", max_tokens=5, extra_body={"speculate": "yes"})
