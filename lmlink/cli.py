@@ -135,11 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--speculate",
-        choices=("off", "prompt-lookup"),
+        choices=("off", "prompt-lookup", "draft-model"),
         default="prompt-lookup",
         help="speculative decoding: 'prompt-lookup' drafts tokens from the request's own text "
         "and verifies them in the batch step (same output, faster on edits, code and quoting "
-        "answers); a request can override it (default: prompt-lookup)",
+        "answers); 'draft-model' drafts with --draft-model; a request can override it "
+        "(default: prompt-lookup)",
+    )
+    serve.add_argument(
+        "--draft-model",
+        default=None,
+        help="with --speculate draft-model: a small model (directory or HF id) with the same "
+        "vocabulary as --model",
     )
     serve.add_argument(
         "--stream-pace-ms",
@@ -347,6 +354,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.max_batch < 1:
         raise CliError("--max-batch must be at least 1")
+    if (args.speculate == "draft-model") != bool(args.draft_model):
+        raise CliError("--speculate draft-model and --draft-model PATH go together")
     if not 0 <= args.stream_pace_ms <= 1000:
         raise CliError("--stream-pace-ms must be between 0 and 1000")
     console = Console(stderr=True)
@@ -361,6 +370,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             default_max_tokens=max(1, args.default_max_tokens),
             speculate=args.speculate,
+            draft_model=args.draft_model,
         ),
         stream_pace_ms=args.stream_pace_ms,
         tailnet=TailnetSettings(

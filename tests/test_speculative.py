@@ -216,3 +216,48 @@ def test_openai_body_speculate_override(server):
     assert outs[0] == outs[1] and outs[0]
     with pytest.raises(openai.BadRequestError, match="speculate"):
         oai.completions.create(model="builtin", prompt="hi", max_tokens=5, extra_body={"speculate": "yes"})
+
+
+def test_draft_model_speculation_identical(loaded_model):
+    """`--speculate draft-model`: drafts from a second model (here the builtin model drafting
+    for itself, so greedy drafts should nearly all be accepted) give the plain tokens, greedy
+    and seeded, alone and two at a time."""
+    eng = Engine(loaded_model, EngineConfig(speculate="draft-model", draft_model="builtin"))
+    eng.start()
+    try:
+        for sampling in SAMPLINGS[:3]:
+            for p in PROMPTS[:3]:
+                plain = run_all(eng, [req(p, False, **sampling)])[0]
+                fast = run_all(eng, [req(p, True, **sampling)])[0]
+                assert token_ids(fast) == token_ids(plain), (p, sampling)
+        greedy = completed(run_all(eng, [req(PROMPTS[1], True, **SAMPLINGS[0])])[0])
+        assert greedy.draft_acceptance_rate > 0.9 and greedy.tokens_per_step > 3, greedy
+        pair = [req(PROMPTS[0], True, **SAMPLINGS[0]), req(PROMPTS[2], True, **SAMPLINGS[1])]
+        solo = [token_ids(run_all(eng, [req(PROMPTS[0], False, **SAMPLINGS[0])])[0]),
+                token_ids(run_all(eng, [req(PROMPTS[2], False, **SAMPLINGS[1])])[0])]
+        assert [token_ids(e) for e in run_all(eng, pair)] == solo
+    finally:
+        eng.stop()
+
+
+def test_draft_model_needs_a_path(loaded_model):
+    from lmlink.engine.types import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="draft-model"):
+        Engine(loaded_model, EngineConfig(speculate="draft-model"))
+
+
+def test_serve_with_a_draft_model():
+    """`lmlink serve --speculate draft-model --draft-model builtin` for real, gRPC client."""
+    from conftest import start_server, stop_server
+    from lmlink.client import Client
+
+    srv = start_server("--speculate", "draft-model", "--draft-model", "builtin")
+    try:
+        with Client(srv.address, timeout=120) as c:
+            on = c.complete(PROMPTS[1], max_tokens=40, ignore_eos=True)
+            off = c.complete(PROMPTS[1], max_tokens=40, ignore_eos=True, speculate=False)
+        assert on.token_ids == off.token_ids
+        assert on.completed.timings.tokens_per_step > 2
+    finally:
+        stop_server(srv.process)

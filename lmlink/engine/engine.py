@@ -27,7 +27,13 @@ from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepComman
 from .prefix import shared_with, worth_caching
 from .prompts import encode_prompt
 from .sampling import make_processors, make_sampler, vocab_size
-from .speculative import SpecStats, SpeculativeBatch, spec_timings, speculation_possible
+from .speculative import (
+    DraftModel,
+    SpecStats,
+    SpeculativeBatch,
+    spec_timings,
+    speculation_possible,
+)
 from .stops import StopStringMatcher
 from .types import (
     Completed,
@@ -65,8 +71,11 @@ class EngineConfig:
     # each pass stalls every running stream for about two decode steps. 0 = admit at once.
     admit_window_s: float = 0.1
     # Speculative decoding: "prompt-lookup" (drafts from the request's own text, verified in
-    # the batch step) or "off". A request may override it (SamplingOptions.speculate).
+    # the batch step), "draft-model" (drafts from the small model at `draft_model`, a path or
+    # id with the same vocabulary; single process only) or "off". A request may override it
+    # (SamplingOptions.speculate).
     speculate: str = "off"
+    draft_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,7 @@ class Engine:
         self._spec_batch: SpeculativeBatch | None = None
         self._drafted = self._accepted = 0
         self._can_speculate = speculation_possible(loaded.model)
+        self._draft_model = self._load_draft_model() if self.config.speculate == "draft-model" else None
 
     # ----- public, thread-safe --------------------------------------------------------------
 
@@ -269,6 +279,22 @@ class Engine:
 
     # ----- worker thread --------------------------------------------------------------------
 
+    def _load_draft_model(self) -> Any:
+        from .loader import load_model
+
+        if self.lockstep.distributed:
+            raise InvalidRequest("draft-model speculation is not available in a cluster")
+        if not self.config.draft_model:
+            raise InvalidRequest("--speculate draft-model needs --draft-model PATH")
+        draft = load_model(self.config.draft_model)
+        size = vocab_size(draft.model, draft.tokenizer)
+        if size != self._vocab_size:
+            raise InvalidRequest(
+                f"the draft model's vocabulary ({size} tokens) differs from the served "
+                f"model's ({self._vocab_size} tokens)"
+            )
+        return draft.model
+
     def _new_generator(self) -> BatchGenerator:
         cfg = self.config
         generator = BatchGenerator(
@@ -285,7 +311,10 @@ class Engine:
         # requests may ask for speculation even when the server default is off.
         self._spec_batch = None
         if self._can_speculate:
-            self._spec_batch = SpeculativeBatch.create(self.loaded.model, generator.sampler)
+            drafter = DraftModel(self._draft_model) if self._draft_model is not None else None
+            self._spec_batch = SpeculativeBatch.create(
+                self.loaded.model, generator.sampler, drafter
+            )
             generator._generation_batch = self._spec_batch
         return generator
 

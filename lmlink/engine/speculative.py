@@ -35,7 +35,7 @@ from mlx_lm.models.cache import BatchKVCache
 
 from .sampling import can_draw_ahead, commit, draw_ahead
 
-MODES = ("off", "prompt-lookup")
+MODES = ("off", "prompt-lookup", "draft-model")
 NGRAM_MAX = 4  # longest suffix looked up
 NGRAM_MIN = 2  # shorter suffixes match too often by chance to be worth a verify slot
 K_START = 4
@@ -98,6 +98,62 @@ class _Row:
             self.k = max(1, accepted + 1)
 
 
+class DraftModel:
+    """Drafts from a small model with the same vocabulary, run greedily on its own cache.
+
+    One unbatched cache per request: speculation only runs at small batch sizes (the verify
+    budget), and a per-request cache rolls back by a plain trim to the longest prefix it
+    shares with the request's real tokens. Every rank of a cluster would compute the same
+    drafts from the same tokens, but only single-process serving offers it for now.
+    """
+
+    def __init__(self, model: Any, prefill_step: int = 512) -> None:
+        self.model = model
+        self.prefill_step = prefill_step
+        self._state: dict[int, tuple[list[Any], list[int]]] = {}  # uid -> (cache, tokens in it)
+
+    def drop(self, uid: int) -> None:
+        self._state.pop(uid, None)
+
+    def draft(self, uid: int, seq: list[int], limit: int) -> list[int]:
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        if limit < 1:
+            return []
+        cache, toks = self._state.get(uid) or (make_prompt_cache(self.model), [])
+        keep = _common_prefix(toks, seq)
+        keep = min(keep, len(seq) - 1)  # the last token must be fed to get the next logits
+        if len(toks) > keep:
+            trim_prompt_cache(cache, len(toks) - keep)
+        feed = seq[keep:]
+        while len(feed) > self.prefill_step:  # long prompts: in chunks, like a prefill
+            self.model(mx.array(feed[: self.prefill_step])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            feed = feed[self.prefill_step:]
+        logits = self.model(mx.array(feed)[None], cache=cache)
+        toks = list(seq)
+        out: list[int] = []
+        y = mx.argmax(logits[0, -1], axis=-1)
+        while True:
+            token = int(y.item())
+            out.append(token)
+            if len(out) == limit:
+                break
+            logits = self.model(mx.array([[token]]), cache=cache)
+            toks.append(token)
+            y = mx.argmax(logits[0, -1], axis=-1)
+        self._state[uid] = (cache, toks)
+        return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def speculation_possible(model: Any) -> bool:
     """Rejected drafts are cut out of the cache by trimming: every layer's cache must allow it."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -109,9 +165,13 @@ class SpeculativeBatch(GenerationBatch):
     """mlx-lm's generation batch, plus a verify step for rows that have drafts."""
 
     @classmethod
-    def create(cls, model: Any, fallback_sampler: Any) -> "SpeculativeBatch":
+    def create(
+        cls, model: Any, fallback_sampler: Any, drafter: "DraftModel | None" = None
+    ) -> "SpeculativeBatch":
+        """`drafter`: a small model proposing the drafts; None = prompt lookup."""
         batch = cls.empty(model, fallback_sampler)
         batch.rows = {}
+        batch.drafter = drafter
         return batch
 
     def enable(self, uid: int) -> SpecStats:
@@ -125,6 +185,8 @@ class SpeculativeBatch(GenerationBatch):
         super().filter(keep)
         for uid in gone:
             self.rows.pop(uid, None)
+            if self.drafter is not None:
+                self.drafter.drop(uid)
 
     # ----- one step -------------------------------------------------------------------------
 
@@ -159,7 +221,11 @@ class SpeculativeBatch(GenerationBatch):
                 drafts.append([])
                 continue
             row.sync(self.tokens[i], pending[i])
-            drafts.append(row.draft(min(row.k, room, limit)))
+            n = min(row.k, room, limit)
+            if self.drafter is not None:
+                drafts.append(self.drafter.draft(uid, row.seq, n))
+            else:
+                drafts.append(row.draft(n))
         if not any(drafts):
             return None
         return pending, drafts
