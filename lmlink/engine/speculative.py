@@ -1,4 +1,6 @@
-"""Speculative decoding inside continuous batching: prompt-lookup drafts, verified in one pass.
+"""Speculative decoding inside continuous batching: drafts verified in one batched pass.
+
+Drafts come from prompt lookup (below) or, with `DraftModel`, from a small second model.
 
 Why it pays: a decode step reads every weight once to produce one token per stream; feeding
 a stream's pending token plus k guessed tokens costs nearly the same read and can yield up to
