@@ -30,6 +30,7 @@ from .sampling import make_processors, make_sampler, vocab_size
 from .speculative import (
     DraftModel,
     SpecStats,
+    load_draft_model,
     SpeculativeBatch,
     spec_timings,
     speculation_possible,
@@ -171,7 +172,11 @@ class Engine:
         self._spec_batch: SpeculativeBatch | None = None
         self._drafted = self._accepted = 0
         self._can_speculate = speculation_possible(loaded.model)
-        self._draft_model = self._load_draft_model() if self.config.speculate == "draft-model" else None
+        self._draft_model = None
+        if self.config.speculate == "draft-model":
+            self._draft_model = load_draft_model(
+                self.config.draft_model, self._vocab_size, self.lockstep.distributed
+            )
 
     # ----- public, thread-safe --------------------------------------------------------------
 
@@ -278,22 +283,6 @@ class Engine:
             self._thread.join(timeout)
 
     # ----- worker thread --------------------------------------------------------------------
-
-    def _load_draft_model(self) -> Any:
-        from .loader import load_model
-
-        if self.lockstep.distributed:
-            raise InvalidRequest("draft-model speculation is not available in a cluster")
-        if not self.config.draft_model:
-            raise InvalidRequest("--speculate draft-model needs --draft-model PATH")
-        draft = load_model(self.config.draft_model)
-        size = vocab_size(draft.model, draft.tokenizer)
-        if size != self._vocab_size:
-            raise InvalidRequest(
-                f"the draft model's vocabulary ({size} tokens) differs from the served "
-                f"model's ({self._vocab_size} tokens)"
-            )
-        return draft.model
 
     def _new_generator(self) -> BatchGenerator:
         cfg = self.config

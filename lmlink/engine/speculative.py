@@ -355,3 +355,23 @@ def spec_timings(spec: SpecStats | None) -> dict[str, Any]:
         "draft_acceptance_rate": spec.accepted / spec.drafted if spec.drafted else 0.0,
         "tokens_per_step": spec.tokens / spec.steps,
     }
+
+
+def load_draft_model(path: str | None, vocab: int | None, distributed: bool) -> Any:
+    """The draft model for `--speculate draft-model`, checked against the served model."""
+    from .loader import load_model
+    from .sampling import vocab_size
+    from .types import InvalidRequest
+
+    if distributed:
+        raise InvalidRequest("draft-model speculation is not available in a cluster")
+    if not path:
+        raise InvalidRequest("--speculate draft-model needs --draft-model PATH")
+    draft = load_model(path)
+    size = vocab_size(draft.model, draft.tokenizer)
+    if size != vocab:
+        raise InvalidRequest(
+            f"the draft model's vocabulary ({size} tokens) differs from the served model's "
+            f"({vocab} tokens)"
+        )
+    return draft.model
