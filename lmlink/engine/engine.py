@@ -75,7 +75,7 @@ class EngineConfig:
     # the batch step), "draft-model" (drafts from the small model at `draft_model`, a path or
     # id with the same vocabulary; single process only) or "off". A request may override it
     # (SamplingOptions.speculate).
-    speculate: str = "off"
+    speculate: str = "prompt-lookup"
     draft_model: str | None = None
 
 
