@@ -97,10 +97,8 @@ def test_concurrent_streams_identical(spec_engine, streams):
     solo = [token_ids(run_all(spec_engine, [req(p, False, chat=True, **s)])[0]) for p, _, s in requests]
     together = run_all(spec_engine, [req(p, spec, chat=True, **s) for p, spec, s in requests])
     assert [token_ids(e) for e in together] == solo
-    if streams <= 4:
+    if streams <= 4:  # (above 4, drafts only while the batch is still filling or emptying)
         assert any(completed(e).accepted_draft_tokens for e in together)
-    else:  # over the per-step budget: plain steps only
-        assert not any(completed(e).draft_tokens for e in together)
 
 
 def test_stops_and_max_tokens_inside_an_accepted_run(spec_engine):
