@@ -97,6 +97,8 @@ class ServeOptions:
                 max_batch_size=get("max_batch", 32),
                 max_queue=get("max_queue", 1024),
                 default_max_tokens=max(1, get("default_max_tokens", 512)),
+                speculate=get("speculate") or "prompt-lookup",
+                draft_model=get("draft_model"),
             ),
             stream_pace_ms=get("stream_pace_ms", 10.0),
             tailnet=TailnetSettings(

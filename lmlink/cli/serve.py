@@ -55,6 +55,12 @@ def add_serving_flags(p: argparse.ArgumentParser) -> None:
                    help="completion length when a request does not set max_tokens (default: 512)")
     p.add_argument("--name", default=None, help="server name shown to clients (default: hostname)")
     p.add_argument(
+        "--speculate", choices=("off", "prompt-lookup", "draft-model"), default="prompt-lookup",
+        help="speculative decoding: 'prompt-lookup' drafts tokens from the request's own text "
+        "and verifies them in the batch step (same output, faster on edits, code and quoting "
+        "answers); 'draft-model' drafts with --draft-model (single process only); a request "
+        "can override it (default: prompt-lookup)")
+    p.add_argument(
         "--drain-timeout", type=non_negative, default=30.0, metavar="S",
         help="on SIGTERM or Ctrl-C: stop admitting, let running streams finish for up to S "
         "seconds, then end them with UNAVAILABLE; a second signal ends them at once (default: 30)")
@@ -85,6 +91,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--require-client-cert", action="store_true",
         help="tailnet modes: also require a client certificate from `lmlink enroll` (mutual TLS)",
     )
+    serve.add_argument(
+        "--draft-model", default=None,
+        help="with --speculate draft-model: a small model (directory or HF id) with the same "
+        "vocabulary as --model")
     serve.add_argument("--tsnet-hostname", default="lmlink", help="tsnet: this node's tailnet name")
     serve.add_argument("--tsnet-auth-key-file", default=None,
                        help="tsnet: file holding the auth key (else env TS_AUTHKEY)")
@@ -176,6 +186,8 @@ def run_enroll(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    if (args.speculate == "draft-model") != bool(args.draft_model):
+        raise usage_error("--speculate draft-model and --draft-model PATH go together")
     check_state_dir(_state_dir(args.state_dir))  # before the heavy imports: fail fast
 
     from rich.console import Console
