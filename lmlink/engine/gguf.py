@@ -124,11 +124,13 @@ def hf_config(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
         raise GGUFError(f"architecture {arch or '(none)'!r} is not supported "
                         f"(supported: {', '.join(ARCHITECTURES)})")
 
-    def get(key: str, default: Any = None) -> Any:
+    def get(key: str, default: Any = ...) -> Any:
         value = meta.get(f"{arch}.{key}")
+        if value is None and default is ...:
+            raise GGUFError(f"metadata key {arch}.{key} is missing")
         return default if value is None else _value(value)
 
-    scaling = get("rope.scaling.type")
+    scaling = get("rope.scaling.type", None)
     if scaling not in (None, "none"):
         raise GGUFError(f"rope scaling type {scaling!r} is not supported")
     heads = int(get("attention.head_count"))
@@ -230,7 +232,10 @@ def read_gguf(path: Path, *, dequantize: bool | None = None) -> tuple[dict, dict
     except (RuntimeError, ValueError, OSError) as exc:
         raise GGUFError(f"{path.name}: {exc}") from exc
     names = {t.name for t in infos}
-    config = hf_config(meta, names)
+    try:
+        config = hf_config(meta, names)
+    except GGUFError as exc:
+        raise GGUFError(f"{path.name}: {exc}") from None
     weights = map_weights(raw, config, ARCHITECTURES[meta["general.architecture"]][1])
     if dequantize if dequantize is not None else default_dequantize():
         weights = dequantize_all(weights, mx.float32)
