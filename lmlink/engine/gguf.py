@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .gguf_header import GGUFFormatError, TensorInfo, read_tensor_infos
-from .gguf_tokenizer import GGUFTokenizerError, _value, load_tokenizer, save_tokenizer
+from .gguf_tokenizer import GGUFTokenizerError, _value, eos_ids, load_tokenizer, save_tokenizer
 from .types import EngineError
 
 # GGUF architecture -> (mlx-lm model_type, q/k rows permuted by llama.cpp's converter).
@@ -218,6 +218,16 @@ def build_model(config: dict[str, Any], weights: dict[str, Any]) -> Any:
     return model
 
 
+def estimate_bytes(path: Path) -> int:
+    """Memory the loaded weights take: file size when kept quantized, 4 bytes a weight when
+    dequantized to float32 (header only; no tensor data read)."""
+    if not default_dequantize():
+        return path.stat().st_size
+    from math import prod
+
+    return sum(prod(t.shape) * 4 for t in read_tensor_infos(path))
+
+
 def read_gguf(path: Path, *, dequantize: bool | None = None) -> tuple[dict, dict, dict]:
     """(mlx-lm weights, config, raw metadata) for a GGUF file, or a one-line GGUFError."""
     import mlx.core as mx
@@ -268,6 +278,6 @@ def export_mlx_dir(path: str | Path, out: str | Path, *, dequantize: bool | None
     model = build_model(config, weights)
     mx.eval(model.parameters())
     save_model(out, model)
-    save_config(dict(config), config_path=out / "config.json")
+    save_config(dict(config, eos_token_id=eos_ids(meta)), config_path=out / "config.json")
     save_tokenizer(str(meta["general.architecture"]), meta, out)
     return out
