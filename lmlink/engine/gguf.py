@@ -183,7 +183,9 @@ def dequantize_all(weights: dict[str, Any], dtype: Any) -> dict[str, Any]:
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix and f"{prefix}.scales" in weights:
             p = _quant_params(weights, prefix)
-            w = mx.dequantize(w, weights[f"{prefix}.scales"], weights[f"{prefix}.biases"],
+            # In `dtype`, not the scales' float16: q * scale rounded to float16 loses bits.
+            w = mx.dequantize(w, weights[f"{prefix}.scales"].astype(dtype),
+                              weights[f"{prefix}.biases"].astype(dtype),
                               group_size=p["group_size"], bits=p["bits"])
         out[name] = w.astype(dtype) if w.dtype != dtype else w
     return out
