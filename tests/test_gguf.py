@@ -31,6 +31,20 @@ def test_float_gguf_loads_to_the_same_logits(tmp_path, arch, model_type):
     assert float(mx.abs(loaded.model(IDS) - model(IDS)).max()) < 1e-4
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def test_llama3_rope_frequency_factors(tmp_path):
+    """Llama 3.x files carry rope_freqs (per-frequency factors) instead of rope_scaling."""
+    model, config = tiny_model("llama", rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)
+    path = write_gguf(tmp_path / "llama3.gguf", model, config, arch="llama")
+    loaded = load_gguf(path, dequantize=False)
+    assert loaded.config["rope_scaling"] == LLAMA3_ROPE
+    long_ids = mx.array([list(range(3, 2000, 7))])  # long enough for the low frequencies
+    assert float(mx.abs(loaded.model(long_ids) - model(long_ids)).max()) < 1e-3
+
+
 def test_llama_rows_must_be_unpermuted(tmp_path):
     """Without llama.cpp's q/k permutation in the file, the loader's inverse scrambles the
     heads: the same weights give other logits (so the test above can fail)."""

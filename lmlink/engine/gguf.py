@@ -85,8 +85,7 @@ def check_tensors(path: Path, infos: list[TensorInfo]) -> None:
     for t in infos:
         m = _NAME.match(t.name)
         if t.name == "rope_freqs.weight":
-            raise GGUFError(f"{path.name}: llama3-style rope frequency factors (rope_freqs) "
-                            "are not supported")
+            continue  # Llama 3.x frequency factors: see llama3_rope_scaling
         if m is None or (m.group(2) not in (_BLOCK if m.group(1) else _TOP)):
             raise GGUFError(f"{path.name}: tensor {t.name} has no place in a llama-family model "
                             "(mixture-of-experts and other variants are not supported)")
@@ -153,6 +152,38 @@ def hf_config(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
     if config["model_type"] == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
     return config
+
+
+def llama3_rope_scaling(factors: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """Recover Llama 3's rope_scaling from the `rope_freqs` factors llama.cpp stores instead.
+
+    The converter keeps only the per-frequency factors; the largest is the scaling `factor`.
+    Llama 3.x uses low/high frequency factors 1 and 4 over an 8192-token original context:
+    we take those, recompute the factors as the converter does, and refuse if they differ.
+    """
+    import math
+
+    factors = [float(f) for f in factors.tolist()]
+    dims, base = config["head_dim"], config["rope_theta"]
+    scaling = {"rope_type": "llama3", "factor": max(factors), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    low = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+    high = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    expected = []
+    for i in range(0, dims, 2):
+        wavelen = 2 * math.pi * base ** (i / dims)
+        if wavelen < high:
+            expected.append(1.0)
+        elif wavelen > low:
+            expected.append(scaling["factor"])
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            expected.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    if len(expected) != len(factors) or any(
+        abs(a - b) > 1e-3 * max(1.0, b) for a, b in zip(expected, factors)
+    ):
+        raise GGUFError("rope frequency factors (rope_freqs) do not match Llama 3's scheme")
+    return scaling
 
 
 def map_weights(weights: dict[str, Any], config: dict[str, Any], permuted: bool) -> dict:
@@ -246,6 +277,10 @@ def read_gguf(path: Path, *, dequantize: bool | None = None) -> tuple[dict, dict
     names = {t.name for t in infos}
     try:
         config = hf_config(meta, names)
+        if "rope_freqs.weight" in raw:
+            if config["model_type"] != "llama":
+                raise GGUFError("rope frequency factors are only supported for llama")
+            config["rope_scaling"] = llama3_rope_scaling(raw.pop("rope_freqs.weight"), config)
     except GGUFError as exc:
         raise GGUFError(f"{path.name}: {exc}") from None
     weights = map_weights(raw, config, ARCHITECTURES[meta["general.architecture"]][1])

@@ -38,7 +38,29 @@ def gguf_name(hf: str) -> str:
     return f"{HF_TO_GGUF['.'.join(parts[:-1])]}.{kind}"
 
 
-def tiny_model(model_type: str, seed: int = 0) -> tuple[Any, dict]:
+def llama_cpp_rope_factors(config: dict) -> np.ndarray:
+    """convert_hf_to_gguf.py `LlamaModel.generate_extra_tensors` for rope_type llama3."""
+    import math
+
+    rs = config["rope_scaling"]
+    base, dim = config["rope_theta"], config["head_dim"]
+    factor, low_ff, high_ff = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
+    factors = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> tuple[Any, dict]:
     """A small random mlx-lm model (vocabulary of the built-in model's tokenizer)."""
     import mlx.core as mx
     from mlx_lm.utils import _get_classes
@@ -49,6 +71,7 @@ def tiny_model(model_type: str, seed: int = 0) -> tuple[Any, dict]:
         "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 512, "vocab_size": 2048, "tie_word_embeddings": False,
+        **overrides,
     }
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
@@ -128,6 +151,8 @@ def write_gguf(path: Path, model: Any, config: dict, *, arch: str, qtype: str = 
             w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, t), raw_dtype=t)
         else:
             w.add_tensor(gguf_name(name), arr)
+    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(config))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
