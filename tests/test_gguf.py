@@ -101,6 +101,31 @@ def test_tokenizer_and_template_rebuilt_from_metadata(tmp_path):
     assert 2 in loaded.tokenizer.eos_token_ids  # <|im_end|>
 
 
+SPM_TEXTS = ["Hello world, this is a test.", "def f(x):\n    return x**2  # 12345",
+             "naïve café — 東京 🙂", "tabs\tand\n\nnewlines"]
+
+
+def test_sentencepiece_vocabulary_tokenizes_like_sentencepiece(tmp_path):
+    """A `llama` (SentencePiece) vocabulary: pieces + scores, merges rebuilt from the scores."""
+    import sentencepiece as spm
+
+    from support.gguf_files import train_sentencepiece
+
+    proto = train_sentencepiece()
+    model, config = tiny_model("llama")
+    path = write_gguf(tmp_path / "spm.gguf", model, config, arch="llama", sentencepiece=proto)
+    tok = load_gguf(path, dequantize=False).tokenizer
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    for text in SPM_TEXTS:
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == text
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                     add_generation_prompt=True, tokenize=False)
+    assert prompt == "<s>[user] Hi\n[assistant]"
+    assert tok.encode(prompt, add_special_tokens=False)[0] == 1  # <s> stays one token
+    assert tok.eos_token_ids == {2}
+
+
 def test_packaged_smollm2_tokenizer_splits_digits():
     """llama.cpp's `smollm` pre-tokenizer: one token per digit (GPT-2's split would group)."""
     from lmlink.engine.gguf_tokenizer import load_tokenizer

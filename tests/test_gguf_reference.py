@@ -98,15 +98,20 @@ def test_smollm2_next_token_distributions_agree(smollm2, reference, tokens, dequ
     assert top1 >= 0.90
 
 
-@pytest.mark.parametrize("arch,model_type", [
-    ("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
-])
-def test_architectures_agree_with_llama_cpp(tmp_path, arch, model_type):
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("arch,model_type,extra", [
+    ("llama", "llama", {}), ("qwen2", "qwen2", {}), ("qwen3", "qwen3", {}),
+    ("llama", "llama", {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE}),
+], ids=["llama", "qwen2", "qwen3", "llama3-rope"])
+def test_architectures_agree_with_llama_cpp(tmp_path, arch, model_type, extra):
     """Small float32 files of each architecture: llama.cpp and lmlink compute the same thing."""
-    model, config = tiny_model(model_type, seed=3)
+    model, config = tiny_model(model_type, seed=3, **extra)
     path = write_gguf(tmp_path / f"{arch}.gguf", model, config, arch=arch)
     llm = _llama_cpp(path, n_ctx=256)
-    ids = list(range(40, 240, 3))
+    ids = [(40 + 7 * i) % 2048 for i in range(200)]
     ref = _reference_logits(llm, ids)
     ours = np.array(load_gguf(path, dequantize=False).model(mx.array([ids]))[0],
                     dtype=np.float64)

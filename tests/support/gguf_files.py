@@ -106,8 +106,51 @@ def builtin_vocab() -> tuple[list[str], list[str], list[int], dict]:
     return tokens, merges, types, cfg
 
 
+def train_sentencepiece(vocab_size: int = 2048) -> bytes:
+    """A small SentencePiece BPE model (byte fallback, like Llama 2's) trained on the corpus."""
+    import io
+
+    import sentencepiece as spm
+
+    text = (BUILTIN_MODEL_DIR.parents[2] / "data" / "corpus" / "python_reference.txt").read_text()
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text[:400_000].splitlines()), model_writer=buf,
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def _add_sentencepiece_vocab(w: Any, proto: bytes) -> None:
+    """llama.cpp's `_set_vocab_sentencepiece`: pieces, scores, token types, special ids."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    n = sp.get_piece_size()
+
+    def kind(i: int) -> int:  # llama.cpp SentencePieceTokenTypes
+        return (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                else 5 if sp.is_unused(i) else 1)
+
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([kind(i) for i in range(n)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
+    w.add_chat_template("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] "
+                        "{{ m['content'] }}\n{% endfor %}[assistant]")
+
+
 def write_gguf(path: Path, model: Any, config: dict, *, arch: str, qtype: str = "F32",
-               permute: bool | None = None, pre: str = "qwen2") -> Path:
+               permute: bool | None = None, pre: str = "qwen2",
+               sentencepiece: bytes | None = None) -> Path:
     """Write `model` as llama.cpp would: its names, q/k permuted for llama, its metadata.
 
     qtype: F32, or Q8_0 / Q4_0 / Q4_1 for the 2-D weights (quantized by gguf-py).
@@ -130,16 +173,19 @@ def write_gguf(path: Path, model: Any, config: dict, *, arch: str, qtype: str = 
         w.add_key_length(config["head_dim"])
         w.add_value_length(config["head_dim"])
     w.add_vocab_size(config["vocab_size"])
-    tokens, merges, types, tcfg = builtin_vocab()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_eos_token_id(tokens.index("<|im_end|>") if "<|im_end|>" in tokens else 0)
-    w.add_add_bos_token(False)
-    if tcfg.get("chat_template"):
-        w.add_chat_template(tcfg["chat_template"])
+    if sentencepiece is not None:
+        _add_sentencepiece_vocab(w, sentencepiece)
+    else:
+        tokens, merges, types, tcfg = builtin_vocab()
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_eos_token_id(tokens.index("<|im_end|>") if "<|im_end|>" in tokens else 0)
+        w.add_add_bos_token(False)
+        if tcfg.get("chat_template"):
+            w.add_chat_template(tcfg["chat_template"])
     for name, value in tree_flatten(model.parameters()):
         arr = np.array(value.astype(__import__("mlx.core").core.float32))
         if permute and ".q_proj." in name:
