@@ -118,3 +118,17 @@ def test_architectures_agree_with_llama_cpp(tmp_path, arch, model_type, extra):
     assert np.abs(ref - ours).max() < 1e-2
     kl, top1 = compare(ref, ours)
     assert kl < 1e-4 and top1 == 1.0
+
+
+def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
+    from support.gguf_files import train_sentencepiece
+
+    model, config = tiny_model("llama")
+    path = write_gguf(tmp_path / "spm.gguf", model, config, arch="llama",
+                      sentencepiece=train_sentencepiece())
+    llm = _llama_cpp(path, n_ctx=256)
+    ours = load_gguf(path, dequantize=False).tokenizer
+    for text in ("Hello world, this is a test.", "def f(x):\n    return x**2  # 12345",
+                 "naïve café — 東京 🙂", "tabs\tand\n\nnewlines"):
+        ref = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert ours.encode(text, add_special_tokens=False) == ref, text
