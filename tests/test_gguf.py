@@ -229,3 +229,17 @@ def test_models_load_a_gguf_file_into_a_running_server(tmp_path, server):
     unload = subprocess.run(lmlink_cmd("models", "unload", "toy-as-gguf"), env=env,
                             capture_output=True, text=True, timeout=60)
     assert unload.returncode == 0, unload.stderr
+
+
+def test_dequantize_choice(monkeypatch):
+    """float32 on CPU-only Linux for small models; quantized on macOS and for big models."""
+    import lmlink.engine.gguf as g
+
+    monkeypatch.delenv("LMLINK_GGUF_DEQUANTIZE", raising=False)
+    monkeypatch.setattr(g.sys, "platform", "linux")
+    assert g.default_dequantize(135_000_000)
+    assert not g.default_dequantize(7_000_000_000)
+    monkeypatch.setattr(g.sys, "platform", "darwin")
+    assert not g.default_dequantize(135_000_000)
+    monkeypatch.setenv("LMLINK_GGUF_DEQUANTIZE", "1")
+    assert g.default_dequantize(7_000_000_000)

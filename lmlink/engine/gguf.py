@@ -60,16 +60,28 @@ class GGUFModel:
     metadata: dict[str, Any]
 
 
-def default_dequantize() -> bool:
+# Dequantize on CPU-only machines only while float32 weights stay this small: beyond it the
+# memory (4 bytes a weight) and memory bandwidth outweigh the faster float32 matmuls.
+DEQUANTIZE_LIMIT_BYTES = 2 * 1024**3
+
+
+def default_dequantize(n_weights: int = 0) -> bool:
     """Dequantize to float32 on CPU-only machines (faster there), keep quantized on Metal.
 
     Measured on a 2-core EPYC VM with OpenBLAS: SmolLM2-135M decodes faster in float32 than
-    as Q4_1 (README). `LMLINK_GGUF_DEQUANTIZE=0|1` overrides.
+    as Q4_1 (README). Models over DEQUANTIZE_LIMIT_BYTES in float32 stay quantized.
+    `LMLINK_GGUF_DEQUANTIZE=0|1` overrides.
     """
     env = os.environ.get("LMLINK_GGUF_DEQUANTIZE", "").strip()
     if env in ("0", "1"):
         return env == "1"
-    return sys.platform != "darwin"
+    return sys.platform != "darwin" and n_weights * 4 <= DEQUANTIZE_LIMIT_BYTES
+
+
+def _n_weights(infos: list[TensorInfo]) -> int:
+    from math import prod
+
+    return sum(prod(t.shape) for t in infos)
 
 
 def check_tensors(path: Path, infos: list[TensorInfo]) -> None:
@@ -254,11 +266,8 @@ def build_model(config: dict[str, Any], weights: dict[str, Any]) -> Any:
 def estimate_bytes(path: Path) -> int:
     """Memory the loaded weights take: file size when kept quantized, 4 bytes a weight when
     dequantized to float32 (header only; no tensor data read)."""
-    if not default_dequantize():
-        return path.stat().st_size
-    from math import prod
-
-    return sum(prod(t.shape) * 4 for t in read_tensor_infos(path))
+    n = _n_weights(read_tensor_infos(path))
+    return n * 4 if default_dequantize(n) else path.stat().st_size
 
 
 def read_gguf(path: Path, *, dequantize: bool | None = None) -> tuple[dict, dict, dict]:
@@ -284,7 +293,7 @@ def read_gguf(path: Path, *, dequantize: bool | None = None) -> tuple[dict, dict
     except GGUFError as exc:
         raise GGUFError(f"{path.name}: {exc}") from None
     weights = map_weights(raw, config, ARCHITECTURES[meta["general.architecture"]][1])
-    if dequantize if dequantize is not None else default_dequantize():
+    if dequantize if dequantize is not None else default_dequantize(_n_weights(infos)):
         weights = dequantize_all(weights, mx.float32)
     return weights, config, meta
 
