@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import lmlink_cmd
+from conftest import lmlink_cmd, start_server, stop_server
 from lmlink.engine.gguf import load_gguf
 from lmlink.engine.loader import describe_source, packaged_smollm2
 from support.gguf_files import builtin_model, tiny_model, write_gguf
@@ -209,7 +209,16 @@ def test_serve_refuses_unsupported_architecture_in_one_line(tmp_path):
     assert [ln for ln in out.stderr.splitlines() if "'gemma2' is not supported" in ln]
 
 
-def test_models_load_a_gguf_file_into_a_running_server(tmp_path, server):
+@pytest.fixture
+def own_server():
+    """A server of this test's own: the model it loads must not show up in other tests."""
+    srv = start_server()
+    yield srv
+    stop_server(srv.process)
+
+
+def test_models_load_a_gguf_file_into_a_running_server(tmp_path, own_server):
+    server = own_server
     model, config = builtin_model()
     path = write_gguf(tmp_path / "toy-as-gguf.gguf", model, config, arch="qwen2", qtype="Q8_0")
     env = dict(os.environ, LMLINK_SERVER=server.address)
