@@ -76,6 +76,7 @@ def describe_source(spec: str) -> str:
         return f"HF id {spec}"
     return spec
 
+
 def resolve_model_path(
     spec: str, *, progress: Callable[[str], None] | None = None
 ) -> tuple[str, tuple[str, ...], Path]:
@@ -156,7 +157,7 @@ def load_model(spec: str, *, progress: Callable[[str], None] | None = None) -> L
     if progress:
         progress(f"loading {model_id} from {path}")
     if path.suffix.lower() == ".gguf":
-        return _load_gguf(model_id, aliases, path, spec)
+        return _load_gguf(model_id, aliases, path)
     try:
         model, tokenizer = mlx_load(str(path))
     except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
@@ -175,7 +176,7 @@ def load_model(spec: str, *, progress: Callable[[str], None] | None = None) -> L
     )
 
 
-def _load_gguf(model_id: str, aliases: tuple[str, ...], path: Path, spec: str) -> LoadedModel:
+def _load_gguf(model_id: str, aliases: tuple[str, ...], path: Path) -> LoadedModel:
     from mlx.utils import tree_flatten
 
     from .gguf import GGUFError, load_gguf
