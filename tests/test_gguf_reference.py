@@ -18,7 +18,6 @@ from lmlink.engine.gguf import load_gguf
 from lmlink.engine.loader import packaged_smollm2
 from support.gguf_files import tiny_model, write_gguf
 
-pytestmark = pytest.mark.reference
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = "Explain what a Python list comprehension is, with an example."
@@ -78,6 +77,12 @@ def tokens(reference):
     return ids
 
 
+@pytest.fixture(scope="module")
+def reference_logits(reference, tokens):
+    """llama.cpp's logits at every position, computed once for both lmlink variants."""
+    return _reference_logits(reference, tokens)
+
+
 def test_tokenizer_matches_llama_cpp(smollm2, reference):
     ours = load_gguf(smollm2, dequantize=False).tokenizer
     for text in (_text(), "In 2024, 12345 people paid $3.50 each.\n\n\tindented  twice",
@@ -87,11 +92,10 @@ def test_tokenizer_matches_llama_cpp(smollm2, reference):
 
 
 @pytest.mark.parametrize("dequantize", [False, True], ids=["q4_1", "float32"])
-def test_smollm2_next_token_distributions_agree(smollm2, reference, tokens, dequantize):
+def test_smollm2_next_token_distributions_agree(smollm2, reference_logits, tokens, dequantize):
     loaded = load_gguf(smollm2, dequantize=dequantize)
     ours = np.array(loaded.model(mx.array([tokens]))[0].astype(mx.float32), dtype=np.float64)
-    ref = _reference_logits(reference, tokens)
-    kl, top1 = compare(ref, ours)
+    kl, top1 = compare(reference_logits, ours)
     print(f"\nSmolLM2 {'float32' if dequantize else 'Q4_1'} vs llama.cpp over {len(tokens)} "
           f"tokens: mean KL {kl:.4f}, top-1 agreement {top1:.1%}")
     assert kl < 0.01

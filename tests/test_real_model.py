@@ -13,7 +13,6 @@ import pytest
 from conftest import lmlink_cmd, start_server, stop_server
 from lmlink.client import AsyncClient, Client
 
-pytestmark = pytest.mark.real_model
 
 FRANCE = "What is the capital of France?"
 
