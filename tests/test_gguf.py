@@ -231,6 +231,9 @@ def test_models_load_a_gguf_file_into_a_running_server(tmp_path, own_server):
     assert models["toy-as-gguf"]["state"] == "loaded"
     assert models["toy-as-gguf"]["source"] == f"GGUF file {path}"
     assert models["lmlink-tiny"]["source"] == "built-in"
+    table = subprocess.run(lmlink_cmd("models"), env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert table.returncode == 0 and "source" in table.stdout and "built-in" in table.stdout
     chat = subprocess.run(lmlink_cmd("chat", "--model", "toy-as-gguf", "--max-tokens", "8",
                                      "Tell me about rivers."),
                           env=env, capture_output=True, text=True, timeout=120)
