@@ -9,7 +9,7 @@ Grant JSON shape (one object per grant; a caller may hold several, they add up):
 
     {
       "models":  ["*"] | ["model-id", "qwen-*", ...],  # required; fnmatch patterns, "*" = all
-      "actions": ["generate", "list", "info", "cancel", "admin"],  # optional, default: all but admin
+      "actions": ["generate", "list", "info", "cancel", "metrics", "admin"],  # optional, default: all but metrics, admin
       "max_streams": 4,           # optional positive int: concurrent Generate streams
       "tokens_per_minute": 20000, # optional positive int: completion tokens per minute
       "tokens_per_day": 500000    # optional positive int: completion tokens per day
@@ -36,7 +36,8 @@ from lmlink.access.identity import Identity
 
 CAPABILITY = "lmlink.dev/cap/inference"
 GROUPS_CAPABILITY = "lmlink.dev/cap/groups"
-ACTIONS: tuple[str, ...] = ("generate", "list", "info", "cancel", "admin")
+# "metrics" (the Prometheus exposition names principals) is never a default.
+ACTIONS: tuple[str, ...] = ("generate", "list", "info", "cancel", "metrics", "admin")
 DEFAULT_ACTIONS: frozenset[str] = frozenset({"generate", "list", "info", "cancel"})
 # Actions that concern one model; the others are checked without a model.
 MODEL_ACTIONS: frozenset[str] = frozenset({"generate"})

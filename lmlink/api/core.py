@@ -208,6 +208,7 @@ class Core:
         self.guard = guard
         self.facts = facts
         self.identify = self._identify  # swappable, like golink's currentUser(r)
+        self.draining = False  # shutting down: no new calls, running ones may finish
 
     # ----- who and what ----------------------------------------------------------------------
 
@@ -235,6 +236,10 @@ class Core:
     async def open(self, caller: Caller, model: str, request: GenerationRequest,
                    via: str) -> Generation:
         """Admit and submit `request`; the Generation must be closed (or iterated to its end)."""
+        if self.draining:
+            raise CallError(ErrorKind.UNAVAILABLE, f"{self.facts.name} is shutting down and "
+                            "takes no new requests; retry on another server or later",
+                            retry_after=5.0)
         engine = self.models.resolve(model)
         _check_prompt_size(request, engine)
         request = replace(request, owner=owner_key(caller.identity))

@@ -59,6 +59,7 @@ from .openai_schema import (
     parse_completion,
     parse_json,
 )
+from .status_door import StatusViews
 from .shortcuts import answer_body, error_text, parse_ask, wants_text
 
 
@@ -82,7 +83,8 @@ class BridgeOptions:
 class HttpBridge:
     """Builds the Starlette app over the call core; one instance per server."""
 
-    def __init__(self, core: Core, options: BridgeOptions | None = None) -> None:
+    def __init__(self, core: Core, options: BridgeOptions | None = None,
+                 views: StatusViews | None = None) -> None:
         self.core = core
         self.options = options or BridgeOptions()
         self.conversations = ConversationStore(
@@ -90,6 +92,7 @@ class HttpBridge:
             ttl_seconds=self.options.conversation_ttl_seconds,
         )
         self._started = int(time.time())
+        self.views = views or StatusViews(core)
 
     def app(self) -> Any:
         return openai_app(
@@ -100,6 +103,7 @@ class HttpBridge:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/v1/shortcuts/ask", self.shortcuts_ask, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
+                *self.views.routes(self._caller),
             ],
             allowed_hosts=self.options.allowed_hosts,
             allowed_origins=self.options.allowed_origins,
