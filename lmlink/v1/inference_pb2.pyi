@@ -157,7 +157,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "aliases", "state", "context_length", "memory_bytes", "is_default", "active_streams", "idle_ttl_seconds")
+    __slots__ = ("id", "aliases", "state", "context_length", "memory_bytes", "is_default", "active_streams", "idle_ttl_seconds", "source")
     ID_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class Model(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     state: str
@@ -174,7 +175,8 @@ class Model(_message.Message):
     is_default: bool
     active_streams: int
     idle_ttl_seconds: float
-    def __init__(self, id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., context_length: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., active_streams: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
+    source: str
+    def __init__(self, id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., context_length: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., active_streams: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
