@@ -60,6 +60,8 @@ class FrontDoor:
     bind_host: str
     grpc_credentials: grpc.ServerCredentials | None = None
     http_tls_files: tuple[Path, Path] | None = None
+    http_client_ca: Path | None = None  # --require-client-cert: the HTTP bridge requires it too
+    inner: Any = None  # tailnet modes: lmlink.net.inner.InnerHop, the servers' private sockets
     fingerprint: str = ""
     public_hosts: list[str] = field(default_factory=list)
     # Ask the tailnet again who a caller is (grants change while connections stay open).
@@ -69,8 +71,9 @@ class FrontDoor:
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _tmp: Any = None
 
-    async def expose(self, internal_port: int, public_port: int) -> str:
-        """The public address for a server bound at `internal_port` (relayed in tailnet modes)."""
+    async def expose(self, internal_port: int | str, public_port: int) -> str:
+        """The public address for a server bound at `internal_port` (relayed in tailnet modes;
+        then `internal_port` is the inner unix socket path)."""
         if self._expose is None:
             host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
             return f"{host}:{internal_port}"
@@ -93,7 +96,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
     """Set up TLS material, identities and the relay for `tailscaled` or `tsnet` mode."""
     from lmlink.net.listeners import ListenError, tailscaled_bind_hosts
     from lmlink.net.localapi import LocalAPI, LocalAPIError
-    from lmlink.net.relay import PeerIdentities, Relay
+    from lmlink.net.inner import InnerHop
+    from lmlink.net.relay import PeerIdentities, Relay, WhoIsPool
     from lmlink.net.tls import TLSMaterialError, server_credentials, server_tls
 
     identities = PeerIdentities()
@@ -108,7 +112,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
             me = api.self_node()
             hosts = tailscaled_bind_hosts(api)
             tls = server_tls(settings.state_dir, [me.dns_name, *hosts], localapi=api)
-            resolve = api.awhois
+            whois_pool = WhoIsPool(api.whois)  # not the default executor (see WhoIsPool)
+            resolve = whois_pool
             owner_login = "" if me.is_tagged else me.login_name
 
             async def refresh(identity: Identity) -> Identity | None:
@@ -143,9 +148,20 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
     tmp = tempfile.TemporaryDirectory(prefix="lmlink-tls-")
     os.chmod(tmp.name, 0o700)
     http_files = tls.write_files(tmp.name)
+    client_ca = None
+    if settings.require_client_cert:
+        client_ca = Path(tmp.name) / "client-ca.pem"
+        client_ca.write_bytes(tls.client_ca_pem)
+    inner = InnerHop(Path(tmp.name) / "inner")
+    if mode == "tailscaled":
+        async def close_pool() -> None:
+            whois_pool.close()
 
-    async def expose(internal_port: int, public_port: int) -> list[str]:
-        relay = Relay(("127.0.0.1", internal_port), resolve, identities)
+        closers.append(close_pool)
+
+    async def expose(internal: int | str, public_port: int) -> list[str]:
+        relay = Relay(internal if isinstance(internal, str) else ("127.0.0.1", internal),
+                      resolve, identities)
         closers.append(relay.aclose)
         if node is not None:
             import asyncio
@@ -171,6 +187,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
         bind_host="127.0.0.1",
         grpc_credentials=server_credentials(tls, require_client_cert=settings.require_client_cert),
         http_tls_files=http_files,
+        http_client_ca=client_ca,
+        inner=inner,
         fingerprint=tls.fingerprint,
         public_hosts=list(hosts),
         refresh=refresh,

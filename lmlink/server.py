@@ -152,30 +152,35 @@ async def _serve_behind(
          reflection.SERVICE_NAME),
         server,
     )
-    # In tailnet modes the servers bind a private loopback port (any) and a relay takes the
-    # public port; in local mode they bind the public port directly.
+    # In tailnet modes the servers listen on unix sockets in a private directory and a relay
+    # takes the public port (lmlink.net.inner); in local mode they bind the public port directly.
     relayed = door.mode != "local"
     bind = door.bind_host
     host = f"[{bind}]" if ":" in bind else bind
     grpc_bind_port = 0 if relayed else options.grpc_port
-    check_bindable(bind, grpc_bind_port)
+    grpc_where = door.inner.grpc_target if relayed else f"{host}:{grpc_bind_port}"
+    if not relayed:
+        check_bindable(bind, grpc_bind_port)
     try:
         if door.grpc_credentials is None:
-            port = server.add_insecure_port(f"{host}:{grpc_bind_port}")
+            bound = server.add_insecure_port(grpc_where)
         else:
-            port = server.add_secure_port(f"{host}:{grpc_bind_port}", door.grpc_credentials)
+            bound = server.add_secure_port(grpc_where, door.grpc_credentials)
+        port = door.inner.grpc_path if relayed else bound
     except RuntimeError as exc:
-        raise ServeError(f"cannot listen on {host}:{grpc_bind_port}: {exc}") from exc
+        raise ServeError(f"cannot listen on {grpc_where}: {exc}") from exc
     http: HttpListener | None = None
     if options.http_port is not None:  # same host as gRPC, so the same listener rules apply
+        from lmlink.net.httpserver import uvicorn_options
+
         http_bind_port = 0 if relayed else options.http_port
         try:
-            http_socket = bind_socket(bind, http_bind_port)
+            http_socket = door.inner.http_socket() if relayed else bind_socket(bind, http_bind_port)
         except OSError as exc:
             raise ServeError(f"cannot listen on {host}:{http_bind_port}: {exc.strerror}") from None
         http = HttpListener(
             HttpBridge(registry, hub, gate, ready.is_set, guard=guard).app(), http_socket,
-            door.http_tls_files,
+            door.http_tls_files, uvicorn_options(door.http_client_ca),
         )
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
