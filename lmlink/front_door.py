@@ -86,10 +86,41 @@ class FrontDoor:
             self._tmp.cleanup()
 
 
+class LocalUserGate(LoopbackGate):
+    """Local mode: the server's own user is the owner; other users of the machine are not.
+
+    Loopback is reachable by every account on the machine. On Linux the kernel tells which
+    uid holds the client end of each loopback connection (lmlink.net.peercred); a caller of
+    another uid gets a non-owner identity ("uid:N"), which has no grants unless the owner
+    shares with it. Where the kernel cannot tell (macOS), every local caller stays the owner
+    (see README, Security).
+    """
+
+    def identify(self, peer: str) -> Identity | None:
+        from lmlink.access.identity import loopback_owner
+        from lmlink.api.gate import is_loopback_peer
+        from lmlink.net import peercred
+
+        if not is_loopback_peer(peer):
+            return None
+        if peer.startswith("unix:") or not peercred.supported():
+            return loopback_owner()
+        uid = peercred.loopback_caller_uid(peer)
+        if uid is not None and uid == os.getuid():
+            return loopback_owner()
+        who = f"uid:{uid}" if uid is not None else "uid:unknown"
+        return Identity(login_name=who, display_name="another local user", source="loopback")
+
+
 def local_door(host: str) -> FrontDoor:
     if host not in LOOPBACK_HOSTS:
         raise FrontDoorError(f"local mode only listens on loopback, not {host!r}")
-    return FrontDoor("local", LoopbackGate(), host)
+    from lmlink.net import peercred
+
+    if not peercred.supported():
+        log.warning("local mode: this platform cannot tell which local user connects; every "
+                    "local process is treated as the owner")
+    return FrontDoor("local", LocalUserGate(), host)
 
 
 async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:

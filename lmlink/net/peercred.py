@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import struct
 import sys
+import time
+from urllib.parse import unquote
 
 _LISTEN, _ESTABLISHED = "0A", "01"
 
@@ -91,3 +94,42 @@ def unix_peer_uid(sock: socket.socket) -> int | None:
     except OSError:
         return None
     return struct.unpack("3i", creds)[1]
+
+
+# -- local mode: who on this machine is calling ---------------------------------------------
+
+_PEER_RE = re.compile(r"^ipv[46]:\[?(?P<host>[^\]]+?)\]?:(?P<port>\d+)$")
+_PORTS_TTL = 2.0
+_our_ports: tuple[float, frozenset[int]] = (0.0, frozenset())
+
+
+def _own_listening_ports() -> frozenset[int]:
+    """TCP ports this process listens on (cached briefly: servers rarely add ports)."""
+    global _our_ports
+    now = time.monotonic()
+    if now - _our_ports[0] > _PORTS_TTL:
+        from lmlink.net.listeners import listening_sockets
+
+        try:
+            ports = frozenset(s.port for s in listening_sockets(os.getpid()))
+        except OSError:
+            ports = frozenset()
+        _our_ports = (now, ports)
+    return _our_ports[1]
+
+
+def loopback_caller_uid(peer: str) -> int | None:
+    """uid of the local process behind a loopback grpc-style peer ("ipv4:127.0.0.1:54321").
+
+    Finds the client's socket by its full 4-tuple towards one of this process's listening
+    ports; None when unsupported (not Linux) or not found.
+    """
+    m = _PEER_RE.match(unquote(peer))
+    if m is None or not supported():
+        return None
+    client = (_norm(m.group("host")), int(m.group("port")))
+    ports = _own_listening_ports()
+    for local, remote, state, uid in _rows():
+        if local == client and state == _ESTABLISHED and remote[1] in ports:
+            return uid
+    return None
