@@ -31,7 +31,7 @@ import socket
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 from urllib.parse import unquote
 
 from lmlink.access.identity import Identity
@@ -305,10 +305,33 @@ class Relay:
         if task is not None:  # so aclose() can cut live connections too
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self._other_local_user(str(peer[0]), int(peer[1]), writer.get_extra_info("sockname")):
+            self.stats.refused += 1
+            writer.close()
+            return
         try:
             await self.handle(_StreamSide(reader, writer), str(peer[0]), int(peer[1]))
         except asyncio.CancelledError:  # aclose(): end quietly (asyncio would log it)
             writer.close()
+
+    def _other_local_user(self, peer_ip: str, peer_port: int, sockname: Any) -> bool:
+        """A process on this machine dialling our own tailnet address, run by another uid?
+
+        WhoIs would name the node's user for it (the owner, on an untagged node), so the
+        kernel's socket table decides instead: only the server's own uid passes (Linux; where
+        the kernel cannot tell, WhoIs alone decides as before).
+        """
+        from lmlink.net import peercred
+
+        own = {h for h, _ in self.addresses}
+        if not sockname or peer_ip not in own or not peercred.supported():
+            return False
+        uid = peercred.tcp_peer_uid((peer_ip, peer_port), (sockname[0], sockname[1]))
+        if uid == os.getuid():
+            return False
+        log.warning("refused %s:%d: a local process of uid %s, not the server's user",
+                    peer_ip, peer_port, uid if uid is not None else "unknown")
+        return True
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
