@@ -118,3 +118,14 @@ async def test_require_client_cert_covers_the_http_bridge(tmp_path):
             assert (await c.get(url)).status_code == 200
     finally:
         await listener.stop()
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(local_server):
+    """Found by tests/test_fuzz.py (corpus: fuzz_corpus/openai_chat/deeply-nested-array.json)."""
+    for path, body in (("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000),
+                       ("/v1/shortcuts/ask", b'{"a":' * 60_000 + b"1" + b"}" * 60_000)):
+        r = httpx.post(local_server.http_url + path, content=body, timeout=30,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400, (path, r.status_code, r.text[:200])
+        assert "nested too deeply" in r.text and "Traceback" not in r.text
+    assert httpx.get(f"{local_server.http_url}/health", timeout=10).status_code == 200

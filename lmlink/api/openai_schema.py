@@ -123,6 +123,8 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # found by tests/test_fuzz.py: "[[[[..." 100k deep was a 500
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
 
 
 def parse_chat(body: Any, *, request_id: str = "", owner: str = "") -> CompletionCall:

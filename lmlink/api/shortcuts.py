@@ -48,6 +48,8 @@ def parse_ask(raw: bytes, content_type: str, query: Mapping[str, str]) -> Ask:
             body = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:  # found by tests/test_fuzz.py
+            raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, 'send a JSON object like {"question": "..."}', code="invalid_request")
         fields.update(body)
