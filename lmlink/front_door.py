@@ -1,9 +1,11 @@
 """How callers reach a running server, per listen mode.
 
-`local`: the gRPC and HTTP servers bind loopback directly, plaintext, every caller is the owner.
-`tailscaled` / `tsnet`: the servers bind a private loopback port with TLS, and a relay on the
-tailnet addresses accepts connections, asks WhoIs who the peer is, refuses strangers, and pipes
-the still-encrypted bytes inward while `PeerIdentities` tells the servicers who is calling.
+`local`: the gRPC and HTTP servers bind loopback directly, plaintext; the server's own Unix
+user is the owner, other local users are not (`LocalUserGate`).
+`tailscaled` / `tsnet`: the servers listen with TLS on unix sockets in a private directory
+(`lmlink.net.inner`), and a relay on the tailnet addresses accepts connections, asks WhoIs who
+the peer is, refuses strangers, and pipes the still-encrypted bytes inward while
+`PeerIdentities` tells the servicers who is calling.
 """
 
 from __future__ import annotations
@@ -18,10 +20,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from lmlink.access.gate import PolicyGate
 from lmlink.access.identity import Identity
-from lmlink.access.policy import Policy
-from lmlink.api.gate import Gate, LoopbackGate
+from lmlink.api.gate import LoopbackGate
 
 log = logging.getLogger("lmlink.server")
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -53,10 +53,12 @@ class TailnetSettings:
 
 @dataclass
 class FrontDoor:
-    """What serve needs from a listen mode: a gate, how to bind, and how to expose ports."""
+    """What serve needs from a listen mode: who a transport peer is, how to bind, and how
+    to expose ports. Grants are not the door's business: the access guard decides those."""
 
     mode: str
-    gate: Gate
+    # The identity behind a transport peer (grpc `context.peer()` form), None for strangers.
+    identify: Callable[[str], Identity | None]
     bind_host: str
     grpc_credentials: grpc.ServerCredentials | None = None
     http_tls_files: tuple[Path, Path] | None = None
@@ -120,7 +122,7 @@ def local_door(host: str) -> FrontDoor:
     if not peercred.supported():
         log.warning("local mode: this platform cannot tell which local user connects; every "
                     "local process is treated as the owner")
-    return FrontDoor("local", LocalUserGate(), host)
+    return FrontDoor("local", LocalUserGate().identify, host)
 
 
 async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
@@ -214,7 +216,7 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
 
     return FrontDoor(
         mode=mode,
-        gate=PolicyGate(identities.lookup, Policy()),
+        identify=identities.lookup,
         bind_host="127.0.0.1",
         grpc_credentials=server_credentials(tls, require_client_cert=settings.require_client_cert),
         http_tls_files=http_files,

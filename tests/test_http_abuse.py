@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import start_server, stop_server
-from lmlink.api.http_bridge import HttpListener, bind_socket
+from lmlink.api.http_shell import HttpListener, bind_socket
 from lmlink.net.httpserver import HEAD_TIMEOUT, uvicorn_options
 from lmlink.net.tls import issue_client_cert, server_tls
 

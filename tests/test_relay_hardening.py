@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from lmlink.access.identity import Identity
-from lmlink.api.http_bridge import HttpListener, peer_string
+from lmlink.api.http_shell import HttpListener, peer_string
 from lmlink.net.httpserver import uvicorn_options
 from lmlink.net.inner import InnerHop
 from lmlink.net.relay import PeerIdentities, Relay, WhoIsPool
