@@ -15,6 +15,7 @@ from typing import Callable
 from lmlink.access.shares import ShareError, parse_duration, parse_when, principal_kind
 from lmlink.access.tokens import hash_token, looks_like_token
 from lmlink.api.convert import request_from_wire
+from lmlink.api.errors import CallError
 from lmlink.api.openai_schema import ApiError, parse_chat, parse_completion, parse_json
 from lmlink.api.shortcuts import parse_ask
 from lmlink.cluster.spec import ClusterFileError, parse_cluster
@@ -91,7 +92,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], tuple[type[BaseException], ...
     "openai_chat": (openai_chat, (ApiError,)),
     "openai_completion": (openai_completion, (ApiError,)),
     "shortcuts_ask": (shortcuts_ask, (ApiError,)),
-    "proto_generate": (proto_generate, (EngineError, _decode_error())),
+    "proto_generate": (proto_generate, (CallError, EngineError, _decode_error())),
     "mdns_txt": (mdns_txt, ()),
     "cluster_toml": (cluster_toml, (ClusterFileError, tomllib.TOMLDecodeError)),
     "cluster_json": (cluster_json, (ClusterFileError, ValueError)),  # ValueError: not JSON
