@@ -27,7 +27,10 @@ def _comm(pid: int) -> str:
         return f.read().strip()
 
 
-def test_sigkilled_cluster_up_takes_launcher_and_ranks_with_it():
+@pytest.mark.parametrize("how", ["pdeathsig", "guard"])
+def test_sigkilled_cluster_up_takes_launcher_and_ranks_with_it(how, monkeypatch):
+    if how == "guard":  # what macOS uses (no PR_SET_PDEATHSIG there): forced on here
+        monkeypatch.setenv("LMLINK_CLUSTER_GUARD", "1")
     c = up("local-2-mpi.toml")
     pids = c.all_pids()
     assert len(c.pids) == 2 and len(pids) >= 4  # cluster up, launcher, two ranks
@@ -41,7 +44,12 @@ def test_sigkilled_cluster_up_takes_launcher_and_ranks_with_it():
     elapsed = time.monotonic() - t0
     assert elapsed < 5.0
     # nobody listens on the cluster's port any more (TIME_WAIT of the client may remain)
-    assert grpc_port not in {s.port for s in listening_sockets()}
+    deadline = time.monotonic() + 2.0
+    while grpc_port in {s.port for s in listening_sockets()} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    held = subprocess.run(["ss", "-ltnp", f"sport = :{grpc_port}"], capture_output=True,
+                          text=True).stdout
+    assert grpc_port not in {s.port for s in listening_sockets()}, held
 
 
 def test_cluster_processes_listen_on_loopback_only():

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .lifecycle import ENV_NAME, ENV_UP_PID, clear_leftovers, launcher_preexec
+from .lifecycle import (ENV_NAME, ENV_UP_PID, clear_leftovers, guarded, launcher_preexec,
+                        needs_guard)
 from .spec import ClusterSpec
 
 RANK_MODULE = "lmlink.cluster.rank"
@@ -191,9 +192,11 @@ def cluster_up(spec: ClusterSpec, serve_args: Sequence[str], *, linger: float = 
             f"{spec.name} left behind (pids {', '.join(str(c.pid) for c in cleared)})")
     cmd, env = build_command(spec, serve_args, linger=linger)
     # preexec: the launcher gets SIGKILL when we die (Linux), its ranks follow (lifecycle.py).
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
+    # Where there is no PR_SET_PDEATHSIG (macOS) a small guard process runs the launcher and
+    # kills the whole group when we are gone.
+    proc = subprocess.Popen(guarded(cmd), env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-                            preexec_fn=launcher_preexec)
+                            preexec_fn=None if needs_guard() else launcher_preexec)
     failure: list[str] = []
     stop = threading.Event()
 

@@ -4,7 +4,9 @@
 and the MPI launcher runs in its own session, so nothing would stop the ranks. Three links
 close that gap, each enough on its own where it applies:
 
-- the launcher gets PR_SET_PDEATHSIG(SIGKILL) (Linux): it dies with `cluster up`;
+- the launcher gets PR_SET_PDEATHSIG(SIGKILL) (Linux): it dies with `cluster up`; elsewhere
+  (macOS) a small guard process runs it and kills the whole process group when `cluster up`
+  is gone (`guard_main`);
 - every rank exits when its parent (the launcher or its remote daemon) goes away
   (PR_SET_PDEATHSIG plus a parent-pid watch, which also works on macOS);
 - ranks > 0 exit when their control connection to rank 0 breaks (`control.Heartbeat`).
@@ -148,3 +150,53 @@ def clear_leftovers(name: str, *, wait: float = 5.0) -> list[Leftover]:
     while time.monotonic() < deadline and any(_alive(f.pid) for f in found):
         time.sleep(0.05)
     return found
+
+
+# -- the launcher guard (platforms without PR_SET_PDEATHSIG) --------------------------------
+
+ENV_FORCE_GUARD = "LMLINK_CLUSTER_GUARD"  # "1": use the guard even where prctl exists (tests)
+
+
+def needs_guard() -> bool:
+    return os.environ.get(ENV_FORCE_GUARD) == "1" or not sys.platform.startswith("linux")
+
+
+def guarded(cmd: list[str]) -> list[str]:
+    """`cmd` wrapped in the guard when this platform cannot tie the launcher to us otherwise."""
+    if not needs_guard():
+        return cmd
+    return [sys.executable, "-m", "lmlink.cluster.lifecycle", "guard", str(os.getpid()), "--", *cmd]
+
+
+def guard_main(up_pid: int, cmd: list[str], interval: float = 0.25) -> int:
+    """Run the launcher; when `cluster up` (our parent) is gone, kill our whole process group.
+
+    `cluster up` starts us as a session leader, so the group is us, the launcher and the local
+    ranks (ranks that left the group watch their own parent).
+    """
+    import subprocess
+
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return proc.wait(interval)
+        except subprocess.TimeoutExpired:
+            pass
+        if os.getppid() != up_pid:  # `cluster up` died without cleaning up
+            os.killpg(0, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "guard" and sys.argv[3] == "--":
+        ret = guard_main(int(sys.argv[2]), sys.argv[4:])
+        sys.exit(ret if ret >= 0 else 128 - ret)
+    sys.exit("usage: python -m lmlink.cluster.lifecycle guard UP_PID -- LAUNCHER ARGS...")
