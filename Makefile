@@ -11,7 +11,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/*/openblas-pthread/libblas.so.3))
 # One BLAS thread: the engine already keeps a second core busy (measured faster on 2 cores).
 RUN_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) OPENBLAS_NUM_THREADS=1)
 
-.PHONY: setup serve test bench proto clean fuzz
+.PHONY: setup serve test bench proto clean fuzz tailnet-tools
 
 $(STAMP): pyproject.toml scripts/system-packages.txt
 	./scripts/install-system-deps.sh
@@ -25,7 +25,12 @@ setup: $(STAMP)
 serve: setup
 	$(RUN_ENV) $(VENV)/bin/lmlink serve $(ARGS)
 
-test: setup
+# headscale + tailscaled + tailscale for the real-tailnet tests (tools/tailnet/go.mod), built
+# once per machine into ~/.cache/lmlink/tailnet-tools (needs Go 1.26+); instant when cached.
+tailnet-tools:
+	./scripts/build-tailnet-tools.sh >/dev/null
+
+test: setup tailnet-tools
 	HF_HUB_OFFLINE=1 $(RUN_ENV) $(PY) -m pytest -q $(ARGS)
 
 bench: setup

@@ -12,13 +12,15 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lmlink import defaults
 from lmlink.api.core import Core, ServerFacts
 from lmlink.api.gate import Gate
 from lmlink.api.grpc_service import InferenceService, add_servicer
@@ -30,13 +32,20 @@ from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
 from lmlink.engine.loader import LoadedModel, load_model
 from lmlink.engine.registry import ModelRegistry
-from lmlink.front_door import FrontDoor, FrontDoorError, TailnetSettings, local_door, tailnet_door
+from lmlink.front_door import (
+    FrontDoor,
+    FrontDoorError,
+    TailnetSettings,
+    default_state_dir,
+    local_door,
+    tailnet_door,
+)
 from lmlink.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("lmlink.server")
 
-DEFAULT_GRPC_PORT = 47470
-DEFAULT_HTTP_PORT = 47471
+DEFAULT_GRPC_PORT = defaults.GRPC_PORT
+DEFAULT_HTTP_PORT = defaults.HTTP_PORT
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
@@ -61,7 +70,44 @@ class ServeOptions:
     cluster: Any = None  # cluster rank 0: has make_engine(progress) -> Engine (lmlink.cluster)
     idle_ttl: float = 0.0  # unload models idle this many seconds (0: never)
     # Browser UIs (origins like "http://localhost:3000") allowed to call the HTTP bridge.
-    allowed_origins: tuple[str, ...] = field(default_factory=lambda: env_list("LMLINK_ALLOWED_ORIGINS"))
+    allowed_origins: tuple[str, ...] = field(default_factory=lambda: env_list(defaults.ENV_ALLOWED_ORIGINS))
+
+    @classmethod
+    def from_args(cls, args: Any) -> "ServeOptions":
+        """From `lmlink serve` / `lmlink cluster up` flags (missing flags keep their default)."""
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        grpc_port = get("grpc_port", DEFAULT_GRPC_PORT)
+        http_port = get("http_port")
+        if http_port is None:  # not given: 47471, or any free port when gRPC takes any
+            http_port = 0 if grpc_port == 0 else DEFAULT_HTTP_PORT
+        state_dir = get("state_dir")
+        options = cls(
+            model=get("model") or "builtin",
+            listen=get("listen", "local"),
+            host=get("host") or "127.0.0.1",
+            grpc_port=grpc_port,
+            http_port=http_port,
+            engine=EngineConfig(
+                max_batch_size=get("max_batch", 32),
+                max_queue=get("max_queue", 1024),
+                default_max_tokens=max(1, get("default_max_tokens", 512)),
+            ),
+            stream_pace_ms=get("stream_pace_ms", 10.0),
+            tailnet=TailnetSettings(
+                state_dir=Path(state_dir) if state_dir else default_state_dir(),
+                localapi_socket=get("localapi_socket"),
+                require_client_cert=bool(get("require_client_cert", False)),
+                tsnet_hostname=get("tsnet_hostname") or "lmlink",
+                tsnet_auth_key_file=get("tsnet_auth_key_file"),
+                tsnet_control_url=get("tsnet_control_url"),
+            ),
+            audit_prompts=bool(get("audit_prompts", False)),
+            mdns=not get("no_mdns", False),
+            idle_ttl=get("idle_ttl", 0.0),
+        )
+        if get("name"):
+            options.name = get("name")
+        return options
 
 
 def env_list(name: str) -> tuple[str, ...]:
@@ -94,11 +140,8 @@ def check_bindable(host: str, port: int) -> None:
 
 
 def grpc_channel_options() -> list[tuple[str, int]]:
-    # Prompts can be long; keep the limit explicit on both sides.
-    return [
-        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-        ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ]
+    # Prompts can be long; keep the limit explicit on both sides (the clients use the same).
+    return list(defaults.CHANNEL_OPTIONS)
 
 
 async def serve(
@@ -108,12 +151,16 @@ async def serve(
     on_progress: Callable[[str], None] | None = None,
     loaded: LoadedModel | None = None,
     gate: Gate | None = None,
+    cluster: Any = None,
 ) -> None:
     """Run until SIGINT/SIGTERM (or the returned `stopped` event is set).
 
     Parts come up in order under one exit stack and go down in reverse: front door, access
     guard, model manager, gRPC and HTTP listeners, mDNS; then the first model loads.
+    `cluster`: rank 0 of `lmlink cluster up` passes its runtime (make_engine(progress)).
     """
+    if cluster is not None:
+        options = replace(options, cluster=cluster)
     from lmlink.access.store import StoreError
 
     try:
@@ -192,15 +239,17 @@ async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
     """
     server = grpc.aio.server(options=grpc_channel_options())
     add_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, InferenceService(core), server)
+    services = [SERVICE_NAME]
     if core.guard.access is not None:  # owner-only shares/tokens/usage
         from lmlink.api.admin_service import AdminService
-        from lmlink.v1 import admin_pb2_grpc
+        from lmlink.v1 import admin_pb2, admin_pb2_grpc
 
         add_servicer(admin_pb2_grpc.add_AdminServicer_to_server, AdminService(core.guard), server)
+        services.append(admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME),
         server,
     )

@@ -9,12 +9,14 @@ uid (same user) and from another uid (a forked child that drops to nobody).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -215,40 +217,26 @@ async def test_whois_runs_in_its_own_bounded_pool():
 
 
 
-NOBODY_DIAL = (
-    "import os, socket, sys\n"
-    "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
-    "s = socket.socket(); s.settimeout(5); s.connect(('127.0.0.1', int(sys.argv[1])))\n"
-    "s.sendall(b'GET /whoami HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n')\n"
-    "try:\n    print('closed' if s.recv(4096) == b'' else 'served')\n"
-    "except ConnectionResetError:\n    print('closed')\n"
-)
-
 
 async def test_relay_refuses_other_local_users_dialling_the_node_itself(tmp_path):
-    """In tailscaled mode WhoIs of the node's own IP names the owner; another uid is not."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to act as another local user")
-    hop = InnerHop(tmp_path / "inner")
-    ids = PeerIdentities()
-    http = HttpListener(_http_app(ids), hop.http_socket(), None, uvicorn_options())
-    await http.start()
-    asked: list[str] = []
+    """In tailscaled mode WhoIs of the node's own IP names the owner; another uid is not.
 
-    async def resolve(ip: str, port: int) -> Identity | None:
-        asked.append(ip)
-        return OWNER  # what WhoIs says for the node's own address
+    Runs in a network namespace of its own whose lo carries a stand-in tailnet address."""
+    from support.netns import require_root
+    from test_discovery_tailnet import isolated_namespace
 
-    relay = Relay(hop.http_path, resolve, ids)
-    [(_, port)] = await relay.listen(["127.0.0.1"], 0)  # "the node's own address" here
-    try:
-        res = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", NOBODY_DIAL, str(port)],
-                                      capture_output=True, text=True, timeout=30)
-        assert res.stdout.strip() == "closed", (res.stdout, res.stderr)  # nothing served
-        assert asked == [] and relay.stats.refused == 1
-        async with httpx.AsyncClient() as c:  # the server's own user still passes
-            assert (await c.get(f"http://127.0.0.1:{port}/whoami")).json() == \
-                {"who": "owner@example.com"}
-    finally:
-        await relay.aclose()
-        await http.stop()
+    require_root()
+    node = "100.87.0.1"
+    with isolated_namespace() as ns:
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{node}/32", "dev", "lo"], check=True,
+                       timeout=15)
+        res = await asyncio.to_thread(
+            subprocess.run, ["ip", "netns", "exec", ns, sys.executable,
+                             str(Path(__file__).parent / "support" / "relay_uid_check.py"), node],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["nobody"] == "closed", report  # refused before WhoIs, nothing served
+    assert report["owner"] == {"who": "owner@example.com"}  # the server's own uid still passes
+    assert report["asked"] == 1 and report["refused"] == 1, report

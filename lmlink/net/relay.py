@@ -323,7 +323,9 @@ class Relay:
         """
         from lmlink.net import peercred
 
-        own = {h for h, _ in self.addresses}
+        # Loopback listeners (userspace-networking tailscaled forwards from 127.0.0.1) are
+        # left to WhoIs: it knows only the connections tailscaled forwarded itself.
+        own = {h for h, _ in self.addresses if not is_loopback(h)}
         if not sockname or peer_ip not in own or not peercred.supported():
             return False
         uid = peercred.tcp_peer_uid((peer_ip, peer_port), (sockname[0], sockname[1]))
