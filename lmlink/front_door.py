@@ -135,6 +135,7 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
     from lmlink.net.tls import TLSMaterialError, server_credentials, server_tls
 
     identities = PeerIdentities()
+    pool: WhoIsPool | None = None
     resolve: Callable[[str, int], Awaitable[Identity | None]]
     closers: list[Callable[[], Awaitable[None]]] = []
     node: Any = None
@@ -160,8 +161,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
             hosts = tailscaled_bind_hosts(api)  # loopback under userspace-networking tailscaled
             public = tailnet_ips(api)  # what clients dial (and the certificate names)
             tls = server_tls(settings.state_dir, [me.dns_name, *public], localapi=api)
-            whois_pool = WhoIsPool(api.whois)  # not the default executor (see WhoIsPool)
-            resolve = whois_pool
+            pool = WhoIsPool(api.whois)  # not the default executor (see WhoIsPool)
+            resolve = pool
             owner_login = "" if me.is_tagged else me.login_name
 
             async def refresh(identity: Identity) -> Identity | None:
@@ -205,11 +206,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
         client_ca = Path(tmp.name) / "client-ca.pem"
         client_ca.write_bytes(tls.client_ca_pem)
     inner = InnerHop(Path(tmp.name) / "inner")
-    if mode in ("tailscaled", "tsnet-child"):
-        async def close_pool() -> None:
-            whois_pool.close()
-
-        closers.append(close_pool)
+    if pool is not None:
+        closers.append(pool.aclose)
 
     async def expose(internal: int | str, public_port: int) -> list[str]:
         relay = Relay(internal if isinstance(internal, str) else ("127.0.0.1", internal),

@@ -232,6 +232,9 @@ class WhoIsPool:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    async def aclose(self) -> None:
+        self.close()
+
 
 class Relay:
     """Accept -> resolve identity -> refuse or pipe to the inner (unix or loopback) server."""
