@@ -60,6 +60,7 @@ from .openai_schema import (
     parse_completion,
     parse_json,
 )
+from .status_door import StatusViews
 from .shortcuts import answer_body, error_text, parse_ask, wants_text
 
 
@@ -83,7 +84,8 @@ class BridgeOptions:
 class HttpBridge:
     """Builds the Starlette app over the call core; one instance per server."""
 
-    def __init__(self, core: Core, options: BridgeOptions | None = None) -> None:
+    def __init__(self, core: Core, options: BridgeOptions | None = None,
+                 views: StatusViews | None = None) -> None:
         self.core = core
         self.options = options or BridgeOptions()
         self.conversations = ConversationStore(
@@ -91,6 +93,7 @@ class HttpBridge:
             ttl_seconds=self.options.conversation_ttl_seconds,
         )
         self._started = int(time.time())
+        self.views = views or StatusViews(core)
 
     def app(self) -> Any:
         return openai_app(
@@ -102,6 +105,7 @@ class HttpBridge:
                 Route("/v1/shortcuts/ask", self.shortcuts_ask, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
                 *StreamRoutes(self.core, self.options.keepalive_seconds).routes(),
+                *self.views.routes(self._caller),
             ],
             allowed_hosts=self.options.allowed_hosts,
             allowed_origins=self.options.allowed_origins,
@@ -112,6 +116,16 @@ class HttpBridge:
     async def _caller(self, request: Request) -> Caller:
         return await self.core.identify(peer_string(request.scope),
                                         request.headers.get("authorization"))
+
+    # ----- for other doors mounted on this app (Responses, Anthropic Messages) -----------------
+
+    async def open(self, request: Request, model: str, gen: GenerationRequest) -> Generation:
+        """Identify the caller of an HTTP request and open `gen` for it through the core."""
+        return await self.core.open(await self._caller(request), model, gen, "http")
+
+    async def caller_key(self, request: Request) -> str:
+        """A stable key for the caller (state kept per caller, e.g. conversations)."""
+        return _caller_key((await self._caller(request)).identity)
 
     # ----- OpenAI endpoints -----------------------------------------------------------------
 
@@ -129,7 +143,7 @@ class HttpBridge:
         gen = await self.core.open(caller, call.model, call.request, "http")
         headers = {"x-request-id": gen.request_id}
         if call.stream:
-            return EventStream(self._chunks(gen, call), headers)
+            return EventStream(self._chunks(gen, call), headers, on_close=gen.close)
         async with gen:
             try:
                 text, done = await unless_disconnected(request.receive, gen.collect())

@@ -32,6 +32,7 @@ def build_request(
     seed: int | None = None,
     repetition_penalty: float | None = None,
     ignore_eos: bool = False,
+    speculate: bool | None = None,
 ) -> pb.GenerateRequest:
     if (messages is None) == (prompt is None):
         raise ValueError("pass exactly one of messages= or prompt=")
@@ -44,6 +45,7 @@ def build_request(
         ("min_p", min_p),
         ("seed", seed),
         ("repetition_penalty", repetition_penalty),
+        ("speculate", speculate),
     ):
         if value is not None:
             setattr(sampling, name, value)
@@ -83,6 +85,10 @@ def decode_event(message: pb.GenerateEvent) -> Event:
                 t.tokens_per_second,
                 t.prompt_tokens_per_second,
                 t.queued_ms,
+                t.draft_tokens,
+                t.accepted_draft_tokens,
+                t.draft_acceptance_rate,
+                t.tokens_per_step,
             ),
         )
     raise ValueError(f"unknown event kind {kind!r}")

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lmlink/v1/inference.proto\x12\tlmlink.v1\"2\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.lmlink.v1.ChatMessage\"\xb2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x9d\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0f.lmlink.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.lmlink.v1.SamplingParamsB\x07\n\x05input\"\xeb\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07started\x18\x02 \x01(\x0b\x32\x12.lmlink.v1.StartedH\x00\x12\x34\n\x0fprompt_progress\x18\x03 \x01(\x0b\x32\x19.lmlink.v1.PromptProgressH\x00\x12&\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x15.lmlink.v1.TokenDeltaH\x00\x12)\n\tcompleted\x18\x05 \x01(\x0b\x32\x14.lmlink.v1.CompletedH\x00\x12\r\n\x05index\x18\x32 \x01(\x04\x42\x07\n\x05\x65vent\"F\n\x07Started\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"@\n\x0ePromptProgress\x12\x18\n\x10processed_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8b\x01\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12 \n\x18prompt_tokens_per_second\x18\x04 \x01(\x01\x12\x11\n\tqueued_ms\x18\x05 \x01(\x01\"\x81\x01\n\tCompleted\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.lmlink.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.lmlink.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.lmlink.v1.Timings\"\x13\n\x11ListModelsRequest\"\xa7\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12\x16\n\x0e\x61\x63tive_streams\x18\x14 \x01(\r\x12\x18\n\x10idle_ttl_seconds\x18\x15 \x01(\x01\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.lmlink.v1.Model\"\x16\n\x14GetServerInfoRequest\"w\n\x08Identity\x12\x12\n\nlogin_name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08is_owner\x18\x06 \x01(\x08\"\xcb\x03\n\nServerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x13\n\x0blisten_mode\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x16\n\x0e\x61\x63tive_streams\x18\x06 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x10\n\x08platform\x18\n \x01(\t\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x04\x12#\n\x06\x63\x61ller\x18\x0c \x01(\x0b\x32\x13.lmlink.v1.Identity\x12 \n\x18recent_tokens_per_second\x18\r \x01(\x01\x12\"\n\x05ranks\x18\x1e \x03(\x0b\x32\x13.lmlink.v1.RankInfo\x12\x17\n\x0f\x63luster_backend\x18\x1f \x01(\t\x12\x18\n\x10\x63luster_sharding\x18  \x01(\t\x12\x14\n\x0cshortcut_url\x18\x32 \x01(\t\x12\x1e\n\x16shortcut_needs_profile\x18\x33 \x01(\x08\"\xbe\x01\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmodel_bytes\x18\x07 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x1f\n\x17seconds_since_heartbeat\x18\t \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"Q\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmake_default\x18\x02 \x01(\x08\x12\x18\n\x10idle_ttl_seconds\x18\x03 \x01(\x01\"r\n\x0cLoadProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x17\n\x0f\x65stimated_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x05 \x01(\x04\"j\n\x0eLoadModelEvent\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.lmlink.v1.LoadProgressH\x00\x12\"\n\x06loaded\x18\x02 \x01(\x0b\x32\x10.lmlink.v1.ModelH\x00\x42\x07\n\x05\x65vent\"Z\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61ncel_streams\x18\x02 \x01(\x08\x12\x1d\n\x15\x64rain_timeout_seconds\x18\x03 \x01(\x01\"m\n\x13UnloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ncelled_streams\x18\x02 \x01(\r\x12\x17\n\x0f\x64rained_streams\x18\x03 \x01(\r\x12\x13\n\x0b\x66reed_bytes\x18\x04 \x01(\x04*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xf7\x03\n\tInference\x12\x42\n\x08Generate\x12\x1a.lmlink.v1.GenerateRequest\x1a\x18.lmlink.v1.GenerateEvent0\x01\x12I\n\nListModels\x12\x1c.lmlink.v1.ListModelsRequest\x1a\x1d.lmlink.v1.ListModelsResponse\x12G\n\rGetServerInfo\x12\x1f.lmlink.v1.GetServerInfoRequest\x1a\x15.lmlink.v1.ServerInfo\x12=\n\x06\x43\x61ncel\x12\x18.lmlink.v1.CancelRequest\x1a\x19.lmlink.v1.CancelResponse\x12\x45\n\tLoadModel\x12\x1b.lmlink.v1.LoadModelRequest\x1a\x19.lmlink.v1.LoadModelEvent0\x01\x12L\n\x0bUnloadModel\x12\x1d.lmlink.v1.UnloadModelRequest\x1a\x1e.lmlink.v1.UnloadModelResponse\x12>\n\x06Resume\x12\x18.lmlink.v1.ResumeRequest\x1a\x18.lmlink.v1.GenerateEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lmlink/v1/inference.proto\x12\tlmlink.v1\"2\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.lmlink.v1.ChatMessage\"\xd8\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x16\n\tspeculate\x18\x1e \x01(\x08H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0c\n\n_speculate\"\x9d\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0f.lmlink.v1.ChatH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.lmlink.v1.SamplingParamsB\x07\n\x05input\"\xeb\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07started\x18\x02 \x01(\x0b\x32\x12.lmlink.v1.StartedH\x00\x12\x34\n\x0fprompt_progress\x18\x03 \x01(\x0b\x32\x19.lmlink.v1.PromptProgressH\x00\x12&\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x15.lmlink.v1.TokenDeltaH\x00\x12)\n\tcompleted\x18\x05 \x01(\x0b\x32\x14.lmlink.v1.CompletedH\x00\x12\r\n\x05index\x18\x32 \x01(\x04\x42\x07\n\x05\x65vent\"F\n\x07Started\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"@\n\x0ePromptProgress\x12\x18\n\x10processed_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xf8\x01\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12 \n\x18prompt_tokens_per_second\x18\x04 \x01(\x01\x12\x11\n\tqueued_ms\x18\x05 \x01(\x01\x12\x14\n\x0c\x64raft_tokens\x18\x1e \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x1f \x01(\r\x12\x1d\n\x15\x64raft_acceptance_rate\x18  \x01(\x01\x12\x17\n\x0ftokens_per_step\x18! \x01(\x01\"\x81\x01\n\tCompleted\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.lmlink.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.lmlink.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.lmlink.v1.Timings\"\x13\n\x11ListModelsRequest\"\xb7\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12\x16\n\x0e\x61\x63tive_streams\x18\x14 \x01(\r\x12\x18\n\x10idle_ttl_seconds\x18\x15 \x01(\x01\x12\x0e\n\x06source\x18\x1e \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.lmlink.v1.Model\"\x16\n\x14GetServerInfoRequest\"w\n\x08Identity\x12\x12\n\nlogin_name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08is_owner\x18\x06 \x01(\x08\"\xcb\x03\n\nServerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x13\n\x0blisten_mode\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x16\n\x0e\x61\x63tive_streams\x18\x06 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x10\n\x08platform\x18\n \x01(\t\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x04\x12#\n\x06\x63\x61ller\x18\x0c \x01(\x0b\x32\x13.lmlink.v1.Identity\x12 \n\x18recent_tokens_per_second\x18\r \x01(\x01\x12\"\n\x05ranks\x18\x1e \x03(\x0b\x32\x13.lmlink.v1.RankInfo\x12\x17\n\x0f\x63luster_backend\x18\x1f \x01(\t\x12\x18\n\x10\x63luster_sharding\x18  \x01(\t\x12\x14\n\x0cshortcut_url\x18\x32 \x01(\t\x12\x1e\n\x16shortcut_needs_profile\x18\x33 \x01(\x08\"\xbe\x01\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmodel_bytes\x18\x07 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x1f\n\x17seconds_since_heartbeat\x18\t \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"Q\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmake_default\x18\x02 \x01(\x08\x12\x18\n\x10idle_ttl_seconds\x18\x03 \x01(\x01\"r\n\x0cLoadProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x17\n\x0f\x65stimated_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x61vailable_bytes\x18\x05 \x01(\x04\"j\n\x0eLoadModelEvent\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.lmlink.v1.LoadProgressH\x00\x12\"\n\x06loaded\x18\x02 \x01(\x0b\x32\x10.lmlink.v1.ModelH\x00\x42\x07\n\x05\x65vent\"Z\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61ncel_streams\x18\x02 \x01(\x08\x12\x1d\n\x15\x64rain_timeout_seconds\x18\x03 \x01(\x01\"m\n\x13UnloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ncelled_streams\x18\x02 \x01(\r\x12\x17\n\x0f\x64rained_streams\x18\x03 \x01(\r\x12\x13\n\x0b\x66reed_bytes\x18\x04 \x01(\x04*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xf7\x03\n\tInference\x12\x42\n\x08Generate\x12\x1a.lmlink.v1.GenerateRequest\x1a\x18.lmlink.v1.GenerateEvent0\x01\x12I\n\nListModels\x12\x1c.lmlink.v1.ListModelsRequest\x1a\x1d.lmlink.v1.ListModelsResponse\x12G\n\rGetServerInfo\x12\x1f.lmlink.v1.GetServerInfoRequest\x1a\x15.lmlink.v1.ServerInfo\x12=\n\x06\x43\x61ncel\x12\x18.lmlink.v1.CancelRequest\x1a\x19.lmlink.v1.CancelResponse\x12\x45\n\tLoadModel\x12\x1b.lmlink.v1.LoadModelRequest\x1a\x19.lmlink.v1.LoadModelEvent0\x01\x12L\n\x0bUnloadModel\x12\x1d.lmlink.v1.UnloadModelRequest\x1a\x1e.lmlink.v1.UnloadModelResponse\x12>\n\x06Resume\x12\x18.lmlink.v1.ResumeRequest\x1a\x18.lmlink.v1.GenerateEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmlink.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=3067
-  _globals['_FINISHREASON']._serialized_end=3191
+  _globals['_FINISHREASON']._serialized_start=3230
+  _globals['_FINISHREASON']._serialized_end=3354
   _globals['_RESUMEREQUEST']._serialized_start=40
   _globals['_RESUMEREQUEST']._serialized_end=90
   _globals['_CHATMESSAGE']._serialized_start=92
@@ -40,51 +40,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHAT']._serialized_start=138
   _globals['_CHAT']._serialized_end=186
   _globals['_SAMPLINGPARAMS']._serialized_start=189
-  _globals['_SAMPLINGPARAMS']._serialized_end=495
-  _globals['_GENERATEREQUEST']._serialized_start=498
-  _globals['_GENERATEREQUEST']._serialized_end=655
-  _globals['_GENERATEEVENT']._serialized_start=658
-  _globals['_GENERATEEVENT']._serialized_end=893
-  _globals['_STARTED']._serialized_start=895
-  _globals['_STARTED']._serialized_end=965
-  _globals['_PROMPTPROGRESS']._serialized_start=967
-  _globals['_PROMPTPROGRESS']._serialized_end=1031
-  _globals['_TOKENDELTA']._serialized_start=1033
-  _globals['_TOKENDELTA']._serialized_end=1078
-  _globals['_USAGE']._serialized_start=1080
-  _globals['_USAGE']._serialized_end=1160
-  _globals['_TIMINGS']._serialized_start=1163
-  _globals['_TIMINGS']._serialized_end=1302
-  _globals['_COMPLETED']._serialized_start=1305
-  _globals['_COMPLETED']._serialized_end=1434
-  _globals['_LISTMODELSREQUEST']._serialized_start=1436
-  _globals['_LISTMODELSREQUEST']._serialized_end=1455
-  _globals['_MODEL']._serialized_start=1458
-  _globals['_MODEL']._serialized_end=1625
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1627
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1681
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1683
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1705
-  _globals['_IDENTITY']._serialized_start=1707
-  _globals['_IDENTITY']._serialized_end=1826
-  _globals['_SERVERINFO']._serialized_start=1829
-  _globals['_SERVERINFO']._serialized_end=2288
-  _globals['_RANKINFO']._serialized_start=2291
-  _globals['_RANKINFO']._serialized_end=2481
-  _globals['_CANCELREQUEST']._serialized_start=2483
-  _globals['_CANCELREQUEST']._serialized_end=2518
-  _globals['_CANCELRESPONSE']._serialized_start=2520
-  _globals['_CANCELRESPONSE']._serialized_end=2555
-  _globals['_LOADMODELREQUEST']._serialized_start=2557
-  _globals['_LOADMODELREQUEST']._serialized_end=2638
-  _globals['_LOADPROGRESS']._serialized_start=2640
-  _globals['_LOADPROGRESS']._serialized_end=2754
-  _globals['_LOADMODELEVENT']._serialized_start=2756
-  _globals['_LOADMODELEVENT']._serialized_end=2862
-  _globals['_UNLOADMODELREQUEST']._serialized_start=2864
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2954
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2956
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=3065
-  _globals['_INFERENCE']._serialized_start=3194
-  _globals['_INFERENCE']._serialized_end=3697
+  _globals['_SAMPLINGPARAMS']._serialized_end=533
+  _globals['_GENERATEREQUEST']._serialized_start=536
+  _globals['_GENERATEREQUEST']._serialized_end=693
+  _globals['_GENERATEEVENT']._serialized_start=696
+  _globals['_GENERATEEVENT']._serialized_end=931
+  _globals['_STARTED']._serialized_start=933
+  _globals['_STARTED']._serialized_end=1003
+  _globals['_PROMPTPROGRESS']._serialized_start=1005
+  _globals['_PROMPTPROGRESS']._serialized_end=1069
+  _globals['_TOKENDELTA']._serialized_start=1071
+  _globals['_TOKENDELTA']._serialized_end=1116
+  _globals['_USAGE']._serialized_start=1118
+  _globals['_USAGE']._serialized_end=1198
+  _globals['_TIMINGS']._serialized_start=1201
+  _globals['_TIMINGS']._serialized_end=1449
+  _globals['_COMPLETED']._serialized_start=1452
+  _globals['_COMPLETED']._serialized_end=1581
+  _globals['_LISTMODELSREQUEST']._serialized_start=1583
+  _globals['_LISTMODELSREQUEST']._serialized_end=1602
+  _globals['_MODEL']._serialized_start=1605
+  _globals['_MODEL']._serialized_end=1788
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1790
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1844
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1846
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1868
+  _globals['_IDENTITY']._serialized_start=1870
+  _globals['_IDENTITY']._serialized_end=1989
+  _globals['_SERVERINFO']._serialized_start=1992
+  _globals['_SERVERINFO']._serialized_end=2451
+  _globals['_RANKINFO']._serialized_start=2454
+  _globals['_RANKINFO']._serialized_end=2644
+  _globals['_CANCELREQUEST']._serialized_start=2646
+  _globals['_CANCELREQUEST']._serialized_end=2681
+  _globals['_CANCELRESPONSE']._serialized_start=2683
+  _globals['_CANCELRESPONSE']._serialized_end=2718
+  _globals['_LOADMODELREQUEST']._serialized_start=2720
+  _globals['_LOADMODELREQUEST']._serialized_end=2801
+  _globals['_LOADPROGRESS']._serialized_start=2803
+  _globals['_LOADPROGRESS']._serialized_end=2917
+  _globals['_LOADMODELEVENT']._serialized_start=2919
+  _globals['_LOADMODELEVENT']._serialized_end=3025
+  _globals['_UNLOADMODELREQUEST']._serialized_start=3027
+  _globals['_UNLOADMODELREQUEST']._serialized_end=3117
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=3119
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=3228
+  _globals['_INFERENCE']._serialized_start=3357
+  _globals['_INFERENCE']._serialized_end=3860
 # @@protoc_insertion_point(module_scope)
