@@ -339,3 +339,17 @@ async def test_an_attached_reader_lets_the_buffer_drop_what_it_was_handed():
         assert await reader.next(1.0) == []
     assert total == 501 and tap._bytes <= 4096 and tap.error is None and gen.closed
     assert store.detached == 1 and tap.done  # finished, kept for the grace period
+
+
+async def test_a_stream_nobody_ever_read_expires_after_release():
+    """The client left before the first chunk (the SSE generator never started): the door's
+    `release` detaches it, so it expires instead of generating forever."""
+    store = ResumeStore(ResumeOptions(grace_seconds=0.2))
+    gen = FakeGen("unread", "alice")
+    tap = store.start(gen, "alice")
+    await asyncio.sleep(0.05)
+    assert store.detached == 0 and not gen.closed
+    tap.release()
+    assert store.detached == 1
+    await asyncio.sleep(0.4)
+    assert gen.closed and len(store) == 0

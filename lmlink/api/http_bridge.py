@@ -142,8 +142,10 @@ class HttpBridge:
         call = parse(body, request_id=request_id)
         gen = await self.core.open(caller, call.model, call.request, "http")
         headers = {"x-request-id": gen.request_id}
-        if call.stream:
-            return EventStream(self._chunks(gen, call), headers, on_close=gen.close)
+        if call.stream:  # resumable (lmlink.api.http_resume), one write per engine step
+            tap = self.core.stream(gen, kind=call.kind, include_usage=call.include_usage)
+            return EventStream(sse(tap, 0, self.options.keepalive_seconds, opening=True),
+                               headers, on_close=tap.release)
         async with gen:
             try:
                 text, done = await unless_disconnected(request.receive, gen.collect())
@@ -152,12 +154,6 @@ class HttpBridge:
         body = completion_body(call.kind, gen.request_id, gen.created, gen.model, text,
                                done.finish_reason, done)
         return JSONResponse(body, headers=headers)
-
-    async def _chunks(self, gen: Generation, call: CompletionCall) -> AsyncIterator[bytes]:
-        """SSE chunks, resumable (lmlink.api.http_resume), one write per engine step."""
-        tap = self.core.stream(gen, kind=call.kind, include_usage=call.include_usage)
-        async for chunk in sse(tap, 0, self.options.keepalive_seconds, opening=True):
-            yield chunk
 
     async def list_models(self, request: Request) -> Response:
         caller = await self._caller(request)

@@ -109,7 +109,7 @@ class StreamRoutes:
         tap = self.core.resume(caller, request_id)
         tap.check(after)  # refuse an impossible position before the 200 is sent
         return EventStream(sse(tap, after, self.keepalive, opening=False),
-                           {"x-request-id": request_id})
+                           {"x-request-id": request_id}, on_close=tap.release)
 
     async def cancel(self, request: Request) -> Response:
         caller = await self._caller(request)

@@ -136,6 +136,13 @@ class Tap:
                                     f"the answer was stopped after {limit} bytes were buffered "
                                     "while no client was attached"))
 
+    def release(self) -> None:
+        """The door's response ended. A stream no reader ever attached to (the client left
+        before the first chunk) is detached now, so it expires instead of running forever."""
+        if not self._readers and self.detached_at is None \
+                and self.store._taps.get(self.request_id) is self:
+            self.store._on_detach(self)
+
     def stop(self, error: CallError) -> None:
         """End generation now (engine request cancelled, lease closed); keep the buffer."""
         if not self.done and not self._stopping:
