@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Collection
+from typing import Any, Callable, Collection
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -24,18 +24,14 @@ from starlette.routing import Route
 from lmlink.access.identity import Identity
 from lmlink.engine.types import (
     ChatTurn,
-    Completed,
     GenerationRequest,
-    PromptProgress,
     SamplingOptions,
-    TokenDelta,
 )
 
 from .conversations import ConversationStore
 from .core import Core, Generation
 from .errors import CallError, ErrorKind
 from .http_shell import (
-    KEEPALIVE,
     LOOPBACK_NAMES,
     ClientGone,
     EventStream,
@@ -48,13 +44,10 @@ from .http_shell import (
 from .http_resume import StreamRoutes, sse
 from .limits import Caller
 from .openai_schema import (
-    DONE,
     ApiError,
-    ChunkEncoder,
     CompletionCall,
     check_request_id,
     completion_body,
-    error_event,
     model_card,
     parse_chat,
     parse_completion,

@@ -41,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from lmlink.engine.types import Completed, Event, PromptProgress, TokenDelta
+from lmlink.engine.types import Completed, Event, TokenDelta
 
 from .errors import CallError, ErrorKind
 
@@ -339,10 +339,3 @@ def _oldest_first(taps: list[Tap], n: int) -> list[Tap]:
         return []
     return sorted(taps, key=lambda t: (not t.done, t.detached_at or 0.0))[:n]
 
-
-def event_bytes(event: Event) -> int:
-    """(for tests and stats) what an event costs in a buffer."""
-    return _size(event)
-
-
-__all__ = ["ResumeOptions", "ResumeStore", "Tap", "unknown", "Completed", "PromptProgress"]
