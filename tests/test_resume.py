@@ -255,7 +255,8 @@ async def test_expired_stream_is_cancelled_and_gets_a_clear_error(engine):
 class FakeGen:
     """A Generation stand-in fed by the test; records being closed (engine cancel + lease)."""
 
-    def __init__(self, request_id: str, owner: str) -> None:
+    def __init__(self, request_id: str, owner: str, text: bool = True) -> None:
+        self.text = text
         self.request_id = request_id
         self.model = "fake"
         self.created = 0
@@ -266,9 +267,14 @@ class FakeGen:
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._events()
 
+    def close(self) -> None:
+        self.closed = True
+
     async def _events(self) -> AsyncIterator[Any]:
         try:
             yield Started("fake", 1, 0)
+            if self.text:
+                yield EngineDelta("a", [0])  # the first text: from here on it is kept
             while True:
                 event = await self.queue.get()
                 yield event
@@ -281,7 +287,8 @@ class FakeGen:
 async def _detach(store: ResumeStore, gen: FakeGen, owner: str) -> Any:
     tap = store.start(gen, owner)
     with tap.reader(0) as reader:
-        await reader.next(0.5)
+        while not tap.handed_text:
+            await reader.next(0.5)
     return tap
 
 
@@ -337,19 +344,51 @@ async def test_an_attached_reader_lets_the_buffer_drop_what_it_was_handed():
         rest = await reader.next(1.0)
         assert rest and isinstance(rest[-1][1], Completed)
         assert await reader.next(1.0) == []
-    assert total == 501 and tap._bytes <= 4096 and tap.error is None and gen.closed
+    assert total == 502 and tap._bytes <= 4096 and tap.error is None and gen.closed
     assert store.detached == 1 and tap.done  # finished, kept for the grace period
 
 
-async def test_a_stream_nobody_ever_read_expires_after_release():
-    """The client left before the first chunk (the SSE generator never started): the door's
-    `release` detaches it, so it expires instead of generating forever."""
-    store = ResumeStore(ResumeOptions(grace_seconds=0.2))
-    gen = FakeGen("unread", "alice")
-    tap = store.start(gen, "alice")
+async def test_a_stream_dropped_before_its_first_token_is_not_kept():
+    """Nothing generated yet means nothing to save: cancelled at once, as a client that hangs
+    up at once must hold no slot. Also when no reader ever attached (the SSE generator never
+    started): the door's `release` ends it."""
+    store = ResumeStore(ResumeOptions(grace_seconds=60))
+    early = FakeGen("early", "alice", text=False)
+    early_tap = store.start(early, "alice")
+    with early_tap.reader(0) as reader:
+        assert isinstance((await reader.next(1.0))[0][1], Started)
+        assert not early_tap.handed_text
+    unread = FakeGen("unread", "alice", text=False)
+    store.start(unread, "alice").release()
     await asyncio.sleep(0.05)
-    assert store.detached == 0 and not gen.closed
-    tap.release()
-    assert store.detached == 1
-    await asyncio.sleep(0.4)
-    assert gen.closed and len(store) == 0
+    assert early.closed and unread.closed and len(store) == 0 and store.detached == 0
+    with pytest.raises(CallError, match="before its first token"):
+        store.find("early", "alice")
+
+
+def test_link_resumes_its_upstream_when_the_tunnel_drops(served):
+    """`lmlink link` on a laptop: its upstream gRPC connection is reset mid-answer; the tool
+    reading the link's SSE sees nothing but the same text an uninterrupted run gives."""
+    from support.link import start_link
+    from support.procs import stop
+
+    srv, _, reference = served
+    host, port = srv.address.rsplit(":", 1)
+    proxy = CutProxy((host, int(port)))
+    link, url = start_link(proxy.address)
+    try:
+        body = {"model": srv.model, "prompt": PROMPT, "max_tokens": N, "ignore_eos": True, "stream": True}
+        lines: list[str] = []
+        cut = 0
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith("data: {") and not cut and len(lines) > 20:
+                    cut = proxy.cut()
+        text, _ = _sse_text(lines)
+        assert cut >= 1 and proxy.connections >= 2
+        assert text == reference.text
+    finally:
+        stop(link)
+        proxy.close()

@@ -25,6 +25,10 @@ Bounds (memory):
 - per caller at most `max_detached_per_caller` detached streams, and at most `max_detached`
   in total: detaching one more expires the caller's (or the server's) oldest detached one.
 
+A stream dropped before any text was handed out is cancelled at once, as before: nothing was
+generated that resuming would save (the prompt cache keeps the prompt's work), and a client
+that hangs up at once holds no slot. (The Python clients send the request again then.)
+
 Who may resume: only the caller who started it (`owner_key`: the whole identity); anyone
 else gets the same NOT_FOUND as for an unknown id, so no request id leaks. A stream cancelled
 explicitly (Cancel) is forgotten at once.
@@ -90,16 +94,28 @@ class Tap:
         self._stopping = False
         self.delivered = False  # a reader handed out the final event
         self.cancelled = False  # Cancel was asked: never kept for resuming
+        self.handed_text = False  # a reader was handed generated text
         self._changed = asyncio.Event()
         self._readers: dict[int, int] = {}  # reader id -> last number handed to it
         self._reader_ids = itertools.count(1)
         self.detached_at: float | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._started = False
         self._pump = asyncio.ensure_future(self._run())
+        self._pump.add_done_callback(self._never_ran)
 
     # ----- the pump ----------------------------------------------------------------------------
 
+    def _never_ran(self, task: asyncio.Future[None]) -> None:
+        """Cancelled before its first step (e.g. the client left at once): the Generation
+        was never iterated, so close it here (engine request cancelled, lease released)."""
+        if not self._started:
+            self.gen.close()
+            self.done = True
+            self.store._ended(self)
+
     async def _run(self) -> None:
+        self._started = True
         try:
             # aclosing: the Generation is closed (engine cancelled, lease released) however
             # this ends, also when it stops early below.
@@ -194,6 +210,8 @@ class _Reader:
             out = tap._after(tap._readers[self.rid])
             if out:
                 tap._readers[self.rid] = out[-1][0]
+                if not tap.handed_text:
+                    tap.handed_text = any(isinstance(e, TokenDelta) for _, e in out)
                 if tap.done and out[-1][0] == tap.last and isinstance(out[-1][1], Completed):
                     tap.delivered = True
                 return out
@@ -301,9 +319,10 @@ class ResumeStore:
     def _on_detach(self, tap: Tap) -> None:
         # Kept even when the last event was handed out: a reader hands events to a socket,
         # and a connection that died meanwhile never delivered them (seen on a real tunnel).
-        if tap.cancelled or self.options.grace_seconds <= 0:
-            self._forget(tap, "was dropped: resuming is off" if not tap.cancelled else
-                         "was cancelled")
+        if tap.cancelled or self.options.grace_seconds <= 0 or not tap.handed_text:
+            self._forget(tap, "was cancelled" if tap.cancelled else
+                         "was dropped: resuming is off" if self.options.grace_seconds <= 0 else
+                         "was dropped before its first token (send the request again)")
             return
         if self._taps.get(tap.request_id) is not tap:
             return

@@ -1,7 +1,8 @@
 """When and how a client picks a dropped stream up again (the server side: lmlink.api.resume).
 
-A stream whose connection fails with UNAVAILABLE (connection reset, keepalive timeout, the
-tunnel gone) is continued with `Resume(request_id, after=last index received)` on the same
+A stream whose connection fails with UNAVAILABLE from the transport (connection reset,
+keepalive timeout, the tunnel gone; not an UNAVAILABLE the server decided, which carries an
+error kind) is continued with `Resume(request_id, after=last index received)` on the same
 channel, retried with a short backoff while the channel reconnects, for `resume_within`
 seconds. Before the first event the same `Resume(after=0)` tells whether the server ever got
 the request; NOT_FOUND then means it did not, and the request is sent again (safe: nothing was
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from lmlink import ERROR_KIND_KEY
 from lmlink.v1 import inference_pb2 as pb
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -56,6 +58,8 @@ class ResumeState:
             return None
         if not self.got_event and not self.retry_before_first_event:
             return None
+        if _server_said(exc):  # e.g. UNAVAILABLE "shutting down": the server's answer, not a drop
+            return None
         now = time.monotonic()
         if self._deadline is None:
             self._deadline = now + self.within
@@ -77,3 +81,12 @@ class ResumeState:
             self.resuming = False
             return True
         return False
+
+
+def _server_said(exc: grpc.RpcError) -> bool:
+    """The error came from lmlink's servicer (it carries an error kind), not the transport."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:
+        return False
+    return any(key == ERROR_KIND_KEY for key, _ in metadata)
