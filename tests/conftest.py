@@ -40,10 +40,12 @@ TIERS: dict[str, tuple[str, ...]] = {
     "test_net_netns.py": ("netns",),
     "test_serve_tailnet.py": ("netns",),
     "test_sharing_tailnet.py": ("netns",),
+    "test_resume_netns.py": ("netns",),  # a WireGuard underlay taken down and up (~40 s)
     # real headscale + tailscaled (they also carry the real_tailnet mark themselves)
     "test_real_tailnet.py": ("netns", "slow"),
     "test_real_tailnet_tsnet.py": ("netns", "slow"),
     "test_real_tailnet_userspace.py": ("netns", "slow"),
+    "test_phone_real_tailnet.py": ("netns", "slow"),
     "test_cluster.py": ("cluster", "slow"),
     # Several servers per test, restarts, or timing measurements (10-55 s each here).
     "test_link.py": ("slow",),
