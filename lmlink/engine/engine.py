@@ -23,10 +23,12 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from .loader import LoadedModel
+from .logprobs import token_logprob
 from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
 from .prompts import encode_prompt
 from .sampling import make_processors, make_sampler
 from .stops import StopStringMatcher
+from .tools import ToolCallSink, prepare_request
 from .types import (
     Completed,
     DuplicateRequestId,
@@ -166,6 +168,7 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: EventSink) -> str:
         """Validate, tokenize and queue a request; raises `EngineError` subclasses synchronously."""
         request.sampling.validate()
+        request = prepare_request(self._tokenizer, request)
         prompt = encode_prompt(self._tokenizer, request)
         context = self.loaded.context_length
         if len(prompt) >= context:
@@ -183,6 +186,7 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id != request.request_id:
             request = _with_id(request, request_id)
+        sink = ToolCallSink.wrap(self._tokenizer, request, sink)
         state = _Request(request, sink, prompt, max_tokens, time.perf_counter())
         with self._lock:
             if self._stopping or self._dead is not None:
@@ -420,7 +424,7 @@ class Engine:
             caches=[cache],
             all_tokens=[prompt[:cached]],
             samplers=[make_sampler(sampling)],
-            logits_processors=[make_processors(sampling)],
+            logits_processors=[make_processors(sampling, self._tokenizer)],
             stop_sequences=[self._no_stops if sampling.ignore_eos else self._eos_stops],
         )
         state.uid = uid
@@ -492,7 +496,9 @@ class Engine:
             if r.finish_reason is not None and not matched:
                 text += state.stops.flush()
             if text or ids:
-                state.pending.append(TokenDelta(text, ids))
+                top = state.request.sampling.logprobs
+                lps = [token_logprob(self._tokenizer, i, r.logprobs, top) for i in ids] if top is not None else None
+                state.pending.append(TokenDelta(text, ids, lps))
             if r.finish_reason is not None:
                 self._finish(state, "stop" if matched else r.finish_reason)
             elif matched:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .tools import render_chat
 from .types import CHAT_ROLES, GenerationRequest, InvalidRequest
 
 MAX_MESSAGES = 1024
@@ -25,15 +26,11 @@ def encode_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
     for i, turn in enumerate(messages):
         if turn.role not in CHAT_ROLES:
             raise InvalidRequest(
-                f"message {i} has role {turn.role!r}; use system, user or assistant"
+                f"message {i} has role {turn.role!r}; use system, user, assistant or tool"
             )
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template; send a raw prompt instead")
-    text = tokenizer.apply_chat_template(
-        [{"role": t.role, "content": t.content} for t in messages],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
+    text = render_chat(tokenizer, request)
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     if not ids:
         raise InvalidRequest("the conversation encodes to no tokens")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -14,6 +14,7 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from .constrained import make_grammar_processor
 from .types import SamplingOptions
 
 Sampler = Callable[[mx.array], mx.array]
@@ -46,7 +47,13 @@ def make_sampler(opts: SamplingOptions) -> Sampler:
     return sample
 
 
-def make_processors(opts: SamplingOptions) -> list[Callable[[mx.array, mx.array], mx.array]]:
-    if opts.repetition_penalty is None or opts.repetition_penalty == 1.0:
-        return []
-    return make_logits_processors(repetition_penalty=opts.repetition_penalty)
+def make_processors(
+    opts: SamplingOptions, tokenizer: Any = None
+) -> list[Callable[[mx.array, mx.array], mx.array]]:
+    """Repetition penalty, then the output constraint (its mask must be applied last)."""
+    procs: list[Callable[[mx.array, mx.array], mx.array]] = []
+    if opts.repetition_penalty is not None and opts.repetition_penalty != 1.0:
+        procs += make_logits_processors(repetition_penalty=opts.repetition_penalty)
+    if opts.grammar is not None:
+        procs += make_grammar_processor(opts.grammar, tokenizer)
+    return procs
