@@ -6,12 +6,23 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from lmlink.v1 import inference_pb2 as pb
 
-from .events import Completed, Event, PromptProgress, Started, Timings, TokenDelta, Usage
+from .events import (
+    Completed,
+    Event,
+    Logprob,
+    PromptProgress,
+    Started,
+    Timings,
+    TokenDelta,
+    ToolCall,
+    Usage,
+)
 
 _FINISH = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 Message = Mapping[str, str] | tuple[str, str]
@@ -63,7 +74,15 @@ def decode_event(message: pb.GenerateEvent) -> Event:
     rid = message.request_id
     kind = message.WhichOneof("event")
     if kind == "delta":
-        return TokenDelta(rid, message.delta.text, tuple(message.delta.token_ids))
+        lps = tuple(
+            Logprob(lp.token_id, lp.token, lp.logprob,
+                    tuple(Logprob(t.token_id, t.token, t.logprob) for t in lp.top))
+            for lp in message.delta.logprobs
+        )
+        return TokenDelta(rid, message.delta.text, tuple(message.delta.token_ids), lps)
+    if kind == "tool_call":
+        c = message.tool_call
+        return ToolCall(rid, c.id, c.name, c.arguments_json, c.index)
     if kind == "started":
         s = message.started
         return Started(rid, s.model, s.prompt_tokens, s.cached_tokens)
@@ -97,6 +116,7 @@ def event_to_dict(event: Event) -> dict[str, Any]:
         Started: "started",
         PromptProgress: "prompt_progress",
         TokenDelta: "delta",
+        ToolCall: "tool_call",
         Completed: "completed",
     }[type(event)]
     if isinstance(event, TokenDelta):

@@ -22,10 +22,11 @@ from .sync import _CHANNEL_OPTIONS, resolve_target
 class AsyncGenerationStream:
     """Async iterator over one generation's events; `cancel()` stops it server-side too."""
 
-    def __init__(self, call: Any, target: str) -> None:
+    def __init__(self, call: Any, target: str, decode: Any = decode_event) -> None:
         self._call = call
         self._target = target
         self._cancelled = False
+        self._decode = decode
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
@@ -33,7 +34,7 @@ class AsyncGenerationStream:
     async def _events(self) -> AsyncIterator[Event]:
         try:
             async for message in self._call:
-                yield decode_event(message)
+                yield self._decode(message)
         except asyncio.CancelledError:
             if self._cancelled:  # grpc.aio reports our own cancel() this way
                 return
@@ -110,6 +111,15 @@ class AsyncClient:
         request = build_request(messages=messages, prompt=prompt, **options)
         deadline = timeout if timeout is not None else self.timeout
         return AsyncGenerationStream(self._stub.Generate(request, timeout=deadline), self.target)
+
+    def stream_request(
+        self, request: pb.GenerateRequest, *, decode: Any = decode_event,
+        timeout: float | None = None,
+    ) -> AsyncGenerationStream:
+        """Stream a prebuilt request (the link forwards whole requests); `decode` maps each
+        wire event (lmlink.api.agent_wire.event_from_wire gives engine events)."""
+        deadline = timeout if timeout is not None else self.timeout
+        return AsyncGenerationStream(self._stub.Generate(request, timeout=deadline), self.target, decode)
 
     async def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         return await self.stream(messages=messages, **options).collect()
