@@ -176,3 +176,20 @@ def event_from_wire(m: pb.GenerateEvent) -> Event | None:
             t.total_ms, t.tokens_per_second, t.prompt_tokens_per_second, t.queued_ms,
         )
     return None
+
+
+def from_client_event(event: Any) -> Event | None:
+    """The client's TokenDelta / ToolCall as the engine events the OpenAI renderers take."""
+    from lmlink.client import events as ev
+
+    if isinstance(event, ev.TokenDelta):
+        lps = [
+            TokenLogprob(lp.token_id, lp.token, lp.logprob, lp.token.encode(),
+                         tuple(TopLogprob(t.token_id, t.token, t.logprob, t.token.encode())
+                               for t in lp.top))
+            for lp in event.logprobs
+        ] or None
+        return TokenDelta(event.text, list(event.token_ids), lps)
+    if isinstance(event, ev.ToolCall):
+        return ToolCallEvent(ToolCall(event.id, event.name, event.arguments, event.index))
+    return None

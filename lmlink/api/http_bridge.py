@@ -48,12 +48,14 @@ from lmlink.engine.types import (
     PromptProgress,
     SamplingOptions,
     TokenDelta,
+    ToolCallEvent,
 )
 
 from .conversations import ConversationStore
 from .convert import merge_deltas
 from .gate import Gate
 from .limits import Caller, Guard, Lease, Refusal
+from .openai_agent import Extras
 from .openai_schema import (
     DONE,
     ApiError,
@@ -121,6 +123,7 @@ class _Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     finished: bool = False
     parts: list[str] = field(default_factory=list)
+    extras: Extras = field(default_factory=Extras)  # tool calls and logprobs, when collected
     lease: Lease | None = None  # quotas, revocation and the audit row (when a Guard is used)
     _stop: ApiError | None = None  # quota used up: raised after this step's tokens went out
 
@@ -169,6 +172,7 @@ class _Generation:
         """Wait for the whole answer; its text accumulates in `parts` (partial on timeout)."""
         while True:
             for event in await self.next() or ():
+                self.extras.add(event)
                 if isinstance(event, TokenDelta):
                     self.parts.append(event.text)
                 elif isinstance(event, Completed):
@@ -349,7 +353,8 @@ class HttpBridge:
             return Response(status_code=499)  # nobody is listening; the slot is already free
         finally:
             gen.close()
-        body = completion_body(call.kind, gen.request_id, gen.created, gen.model, gen.text, done)
+        body = completion_body(call.kind, gen.request_id, gen.created, gen.model, gen.text, done,
+                               gen.extras)
         return JSONResponse(body, headers={"x-request-id": gen.request_id})
 
     def _streamer(self, gen: _Generation, call: CompletionCall) -> Callable[[Send], Coroutine[Any, Any, None]]:
@@ -371,9 +376,10 @@ class HttpBridge:
                     if events is None:
                         out.append(KEEPALIVE)
                     for event in events or ():
-                        if isinstance(event, TokenDelta):
-                            if event.text:
-                                out.append(encoder.delta(event.text))
+                        if isinstance(event, (TokenDelta, ToolCallEvent)):
+                            chunk = encoder.event(event)
+                            if chunk:
+                                out.append(chunk)
                         elif isinstance(event, PromptProgress):
                             out.append(
                                 b": prompt %d/%d\n\n" % (event.processed_tokens, event.total_tokens)

@@ -32,7 +32,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from lmlink.api.http_bridge import _ClientGone, _unless_disconnected, peer_string
+from lmlink.api.agent_wire import from_client_event, request_to_wire
 from lmlink.api.gate import is_loopback_peer
+from lmlink.api.openai_agent import Extras
 from lmlink.api.openai_schema import (
     DONE,
     ApiError,
@@ -48,6 +50,7 @@ from lmlink.api.openai_schema import (
 from lmlink.client import events as ev
 from lmlink.client.errors import LmlinkError
 from lmlink.engine.types import Completed as EngineCompleted
+from lmlink.v1 import inference_pb2 as pb
 
 from .router import NoServer, Router, Server
 
@@ -212,11 +215,12 @@ class LinkApp:
         created = int(time.time())
         if call.stream:
             return _Sse(self._stream(up, call, request_id, created), headers)
+        extras = Extras()
         try:
-            text, done = await _unless_disconnected(request.receive, self._collect(up))
+            text, done = await _unless_disconnected(request.receive, self._collect(up, extras))
         except _ClientGone:
             return Response(status_code=499)
-        body = completion_body(call.kind, request_id, created, up.model, text, done)
+        body = completion_body(call.kind, request_id, created, up.model, text, done, extras)
         return JSONResponse(body, headers=headers)
 
     async def _open(self, call: CompletionCall, request_id: str) -> _Upstream:
@@ -232,7 +236,7 @@ class LinkApp:
                     raise _no_server(again) from None
             else:
                 raise _no_server(exc) from None
-        options = request_options(call)
+        options = request_to_wire(call.request)  # every field, forwarded unchanged
         name = self.router.split_pin(call.model)[0]
         tried: list[str] = []
         attempts = servers[:1] if pinned else servers[:2]
@@ -262,9 +266,12 @@ class LinkApp:
         raise ApiError(503, "no server could take the request", code="no_server_available")
 
     async def _first_token(self, server: Server, model: str, request_id: str,
-                           options: dict[str, Any]) -> _Upstream:
+                           options: pb.GenerateRequest) -> _Upstream:
         client = await self.router._client(server)
-        stream = client.stream(model=model, request_id=request_id, **options)
+        wire = pb.GenerateRequest()
+        wire.CopyFrom(options)
+        wire.model, wire.request_id = model, request_id
+        stream = client.stream_request(wire)
         events = stream.__aiter__()
         head: list[ev.Event] = []
         server.inflight += 1
@@ -295,10 +302,12 @@ class LinkApp:
             up.server.inflight -= 1
             up.stream.cancel()  # no-op when finished; cancels on the server otherwise
 
-    async def _collect(self, up: _Upstream) -> tuple[str, EngineCompleted]:
+    async def _collect(self, up: _Upstream, extras: Extras | None = None) -> tuple[str, EngineCompleted]:
         parts: list[str] = []
         try:
             async for event in self._events(up):
+                if extras is not None and (agent := from_client_event(event)) is not None:
+                    extras.add(agent)
                 if isinstance(event, ev.TokenDelta):
                     parts.append(event.text)
                 elif isinstance(event, ev.Completed):
@@ -324,9 +333,10 @@ class LinkApp:
                 await out(opening)
             try:
                 async for event in self._events(up):
-                    if isinstance(event, ev.TokenDelta):
-                        if event.text:
-                            await out(encoder.delta(event.text))
+                    if isinstance(event, (ev.TokenDelta, ev.ToolCall)):
+                        chunk = encoder.event(from_client_event(event))
+                        if chunk:
+                            await out(chunk)
                     elif isinstance(event, ev.Completed):
                         done = to_engine_completed(event)
                         chunk = encoder.finish(done.finish_reason)
