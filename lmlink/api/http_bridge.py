@@ -51,7 +51,9 @@ from lmlink.engine.types import (
     ToolCallEvent,
 )
 
+from .agent_doors import BridgeBackend, agent_routes
 from .conversations import ConversationStore
+from .door_common import ResponseStore
 from .convert import merge_deltas
 from .gate import Gate
 from .limits import Caller, Guard, Lease, Refusal
@@ -233,6 +235,7 @@ class HttpBridge:
             max_conversations=self.options.max_conversations,
             ttl_seconds=self.options.conversation_ttl_seconds,
         )
+        self.responses = ResponseStore()  # previous_response_id state, bounded per caller
         self._started = int(time.time())
 
     def app(self) -> Starlette:
@@ -244,6 +247,8 @@ class HttpBridge:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/v1/shortcuts/ask", self.shortcuts_ask, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
+                # Responses and Anthropic Messages: separate door modules over the same path.
+                *agent_routes(BridgeBackend(self), self.responses),
             ],
             exception_handlers={
                 ApiError: _api_error_response,

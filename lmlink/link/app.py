@@ -32,6 +32,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from lmlink.api.http_bridge import _ClientGone, _unless_disconnected, peer_string
+from lmlink.api.agent_doors import agent_routes
 from lmlink.api.agent_wire import from_client_event, request_to_wire
 from lmlink.api.gate import is_loopback_peer
 from lmlink.api.openai_agent import Extras
@@ -52,6 +53,7 @@ from lmlink.client.errors import LmlinkError
 from lmlink.engine.types import Completed as EngineCompleted
 from lmlink.v1 import inference_pb2 as pb
 
+from .doors import LinkBackend
 from .router import NoServer, Router, Server
 
 log = logging.getLogger("lmlink.link")
@@ -139,6 +141,7 @@ class LinkApp:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/status", self.status, methods=["GET"]),
+                *agent_routes(LinkBackend(self)),
             ],
             exception_handlers={
                 ApiError: _api_error_response,

@@ -1,0 +1,65 @@
+"""The Responses and Anthropic doors on `lmlink link`: their neutral requests are forwarded
+whole (every agent field) over gRPC by the link's router, with its failover before the first
+token; the server applies access rules, limits and the audit trail."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+
+from lmlink.api.agent_wire import from_client_event
+from lmlink.api.openai_schema import ApiError, CompletionCall
+from lmlink.client import events as ev
+from lmlink.client.errors import LmlinkError
+from lmlink.engine.types import GenerationRequest, Started
+
+
+class _LinkCall:
+    def __init__(self, app: Any, up: Any, request_id: str) -> None:
+        self._app, self._up = app, up
+        self.model = up.model
+        self.request_id = request_id
+
+    async def events(self) -> AsyncIterator[Any]:
+        from .app import to_engine_completed
+
+        try:
+            async for event in self._app._events(self._up):
+                if isinstance(event, ev.Started):
+                    yield Started(event.model, event.prompt_tokens, event.cached_tokens)
+                elif isinstance(event, ev.Completed):
+                    yield to_engine_completed(event)
+                    return
+                elif (agent := from_client_event(event)) is not None:
+                    yield agent
+        except LmlinkError as exc:
+            raise ApiError(502, f"{self._up.server.label} failed after the answer started: {exc}",
+                           code="upstream_failed") from None
+        raise ApiError(502, f"{self._up.server.label} ended the answer without completing it",
+                       code="upstream_failed")
+
+    def close(self) -> None:
+        self._up.stream.cancel()  # no-op once finished
+
+
+class LinkBackend:
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def open(self, request: Request, model: str, gen: GenerationRequest) -> _LinkCall:
+        from .app import _local_only
+
+        _local_only(request)
+        kind = "chat" if gen.messages is not None else "text"
+        request_id = uuid.uuid4().hex
+        self._app.stats.requests += 1
+        up = await self._app._open(CompletionCall(kind, model, gen), request_id)
+        return _LinkCall(self._app, up, request_id)
+
+    async def caller_key(self, request: Request) -> str:
+        from .app import _local_only
+
+        _local_only(request)
+        return "local"  # the link serves its own user only (loopback)
