@@ -174,3 +174,93 @@ def test_messages_bad_input_is_an_anthropic_400(claude, body, needle):
     assert err.value.body["error"]["type"] == "invalid_request_error"
     ok = claude.messages.create(model="", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert ok.stop_reason in ("end_turn", "max_tokens")
+
+
+# ----- the same access rules, quotas and audit as the other doors (in-process bridge) --------
+
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+
+from test_access_store import FakeGate  # noqa: E402
+from test_http_bridge import DenyGate, bridge  # noqa: E402
+
+
+@contextlib.asynccontextmanager
+async def guarded_bridge(engine, guard):
+    from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
+    from lmlink.api.streams import StreamHub
+    from lmlink.engine.registry import ModelRegistry
+
+    hub = StreamHub(asyncio.get_running_loop())
+    engine.add_step_listener(hub.on_step)
+    registry = ModelRegistry()
+    registry.add(engine)
+    app = HttpBridge(registry, hub, guard.gate, guard=guard).app()
+    listener = HttpListener(app, bind_socket("127.0.0.1", 0))
+    await listener.start()
+    try:
+        yield f"http://{listener.address}"
+    finally:
+        await listener.stop()
+
+MSG = {"model": "", "max_tokens": 40, "messages": [{"role": "user", "content": "Tell me about rivers."}]}
+
+
+async def test_gate_denial_is_403_in_each_doors_shape(engine):
+    async with bridge(engine, DenyGate()) as (url, _), httpx.AsyncClient(base_url=url) as h:
+        denied = await h.post("/v1/messages", json=MSG)
+        assert denied.status_code == 403
+        assert denied.json()["error"]["type"] == "permission_error" and "no grant" in denied.json()["error"]["message"]
+        r = await h.post("/v1/responses", json={"input": "hi"})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+
+
+async def test_tokens_quotas_audit_and_private_response_state(engine, tmp_path):
+    from lmlink.access.state import AccessState
+    from lmlink.api.limits import Guard
+
+    state = AccessState.open(tmp_path)
+    state.shares.add("alice@example.com", [engine.model_id], tokens_per_day=6)
+    state.shares.add("bob@example.com", [engine.model_id])
+    alice, _ = state.tokens.create("alice-cli", "alice@example.com")
+    bob, _ = state.tokens.create("bob-cli", "bob@example.com")
+    guard = Guard(FakeGate(state), state)
+    try:
+        async with guarded_bridge(engine, guard) as url, httpx.AsyncClient(base_url=url, timeout=60) as h:
+            assert (await h.post("/v1/messages", json=MSG)).status_code == 401
+            bad = await h.post("/v1/messages", json=MSG, headers={"x-api-key": "lmk_not_a_real_token"})
+            assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+            ok = await h.post("/v1/messages", json=MSG, headers={"x-api-key": alice})
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["usage"]["output_tokens"] <= 6  # clamped to the day's quota
+            r = await h.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2},
+                             headers={"authorization": f"Bearer {bob}"})
+            assert r.status_code == 200, r.text
+            # bob's response is not alice's to continue
+            other = await h.post("/v1/responses", headers={"authorization": f"Bearer {alice}"},
+                                 json={"input": "more", "previous_response_id": r.json()["id"]})
+            assert other.status_code == 404
+            mine = await h.post("/v1/responses", headers={"authorization": f"Bearer {bob}"},
+                                json={"input": "more", "previous_response_id": r.json()["id"], "max_output_tokens": 2})
+            assert mine.status_code == 200
+        rows = state.store.query("SELECT login, via, outcome FROM requests ORDER BY seq")
+        logins = [(r[0], r[1]) for r in rows]
+        assert ("alice@example.com", "http") in logins and ("bob@example.com", "http") in logins
+    finally:
+        state.close()
+
+
+def test_response_store_is_bounded_per_caller_and_in_total():
+    from lmlink.api.door_common import ResponseStore
+    from lmlink.engine.types import ChatTurn
+
+    store = ResponseStore(per_caller=3, total=5, max_chars=1000)
+    for i in range(5):
+        store.put("a", f"r{i}", (ChatTurn("user", "x"),))
+    assert [store.get("a", f"r{i}") is not None for i in range(5)] == [False, False, True, True, True]
+    for i in range(4):
+        store.put("b", f"s{i}", (ChatTurn("user", "y"),))
+    assert len(store) == 5 and store.get("b", "s0") is None and store.get("a", "r2") is None
+    assert store.get("b", "s1") is not None and store.get("a", "s1") is None  # per caller
+    store.put("c", "big", (ChatTurn("user", "z" * 2000),))
+    assert len(store) == 1  # over the character budget: older ones go first
