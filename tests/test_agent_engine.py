@@ -186,3 +186,44 @@ def test_unparseable_call_block_stays_text():
     sink.deliver([TokenDelta("<tool_call>not json</tool_call>", [1]), _done()])
     assert "".join(e.text for e in out.events if isinstance(e, TokenDelta)) == "<tool_call>not json</tool_call>"
     assert out.events[-1].finish_reason == "stop"
+
+
+def test_constrained_and_free_requests_share_a_batch(engine):
+    """Masks are per request: free greedy streams in the same batch give their solo tokens."""
+    from support.collect import token_ids
+
+    free = [ask(f"Tell me about thing {i}.", sampling=SamplingOptions(max_tokens=24)) for i in range(3)]
+    solo = [token_ids(run(engine, r)) for r in free]
+    fmt = ResponseFormat("json_schema", json.dumps(SCHEMA))
+    sinks = []
+    for i in range(6):
+        sink = CollectingSink()
+        if i % 2:
+            engine.submit(free[i // 2], sink)
+        else:
+            engine.submit(ask(response_format=fmt, sampling=SamplingOptions(temperature=1.0, seed=i, max_tokens=300)), sink)
+        sinks.append(sink)
+    results = [s.wait() for s in sinks]
+    for i, events in enumerate(results):
+        if i % 2:
+            assert token_ids(events) == solo[i // 2]
+        else:
+            jsonschema.validate(json.loads(text(events)), SCHEMA)
+
+
+def test_grpc_refuses_an_unenforceable_schema_with_invalid_argument(server):
+    import grpc
+
+    from lmlink.client import Client
+    from lmlink.v1 import inference_pb2 as pb
+
+    req = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="hi")]))
+    req.response_format.json_schema.schema_json = '{"type": "array", "uniqueItems": true}'
+    with Client(server.address) as client:
+        stub = client._stub
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(req, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "uniqueItems" in err.value.details()
+        ok = client.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+        assert ok.completed is not None
