@@ -497,7 +497,9 @@ class Engine:
                 text += state.stops.flush()
             if text or ids:
                 top = state.request.sampling.logprobs
-                lps = [token_logprob(self._tokenizer, i, r.logprobs, top) for i in ids] if top is not None else None
+                lps = None if top is None else [
+                    token_logprob(self._tokenizer, i, r.logprobs, top) for i in ids
+                ]
                 state.pending.append(TokenDelta(text, ids, lps))
             if r.finish_reason is not None:
                 self._finish(state, "stop" if matched else r.finish_reason)
