@@ -13,7 +13,6 @@ import argparse
 import json
 import queue
 import statistics
-import time
 
 from lmlink.engine.engine import Engine
 from lmlink.engine.loader import load_model

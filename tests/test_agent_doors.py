@@ -113,7 +113,6 @@ def test_responses_bad_input_is_a_400(oai, kw, needle):
 
 
 def test_streamed_message_with_tool_use_then_tool_result(claude):
-    blocks = []
     types = []
     with claude.messages.stream(model="", max_tokens=300, tools=[TOOL],
                                 tool_choice={"type": "tool", "name": "get_weather"},

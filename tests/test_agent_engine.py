@@ -227,3 +227,28 @@ def test_grpc_refuses_an_unenforceable_schema_with_invalid_argument(server):
         assert "uniqueItems" in err.value.details()
         ok = client.chat([{"role": "user", "content": "hi"}], max_tokens=2)
         assert ok.completed is not None
+
+
+def test_python_client_over_grpc_tools_schema_logprobs(server):
+    """The lmlink client sends every agent field over gRPC and reads tool-call events back."""
+    from lmlink.client import Client
+
+    ask_ = [{"role": "user", "content": "Weather in Oslo?"}]
+    tools = [{"name": "get_weather", "description": "Weather", "parameters": SCHEMA}]
+    with Client(server.address, timeout=120) as client:
+        gen = client.chat(ask_, tools=tools, tool_choice="get_weather", max_tokens=300, temperature=1.0, seed=4)
+        assert gen.finish_reason == "tool_calls" and len(gen.tool_calls) == 1
+        jsonschema.validate(json.loads(gen.tool_calls[0].arguments), SCHEMA)
+        follow = ask_ + [
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": gen.tool_calls[0].id, "name": "get_weather", "arguments": gen.tool_calls[0].arguments}]},
+            {"role": "tool", "content": "3 C", "tool_call_id": gen.tool_calls[0].id},
+        ]
+        assert client.chat(follow, tools=tools, max_tokens=4).completed is not None
+        doc = client.chat(ask_, json_schema=SCHEMA, max_tokens=300, temperature=1.0, seed=9)
+        jsonschema.validate(json.loads(doc.text), SCHEMA)
+        from lmlink.client import TokenDelta as ClientDelta
+
+        lps = [lp for e in client.stream(messages=ask_, max_tokens=5, top_logprobs=2)
+               if isinstance(e, ClientDelta) for lp in e.logprobs]
+        assert len(lps) >= 1 and all(lp.logprob <= 0 and len(lp.top) == 2 for lp in lps)

@@ -1,7 +1,6 @@
 """Agent fields (tools, tool calls, output constraints, logprobs) between lmlink.v1 and engine
-types, both ways: the server reads requests and writes events; `lmlink link` writes requests
-from the same neutral `GenerationRequest` its doors build, and reads events back, so every
-field crosses the link unchanged.
+types: the server reads requests and writes events; `lmlink link` writes whole requests from
+the same neutral `GenerationRequest` its doors build, so every field crosses the link unchanged.
 """
 
 from __future__ import annotations
@@ -11,20 +10,13 @@ from typing import Any, Sequence
 
 from lmlink.engine.types import (
     ChatTurn,
-    Completed,
-    Event,
     GenerationRequest,
     InvalidRequest,
-    PromptProgress,
     ResponseFormat,
     SamplingOptions,
-    Started,
-    TokenDelta,
     TokenLogprob,
     ToolCall,
-    ToolCallEvent,
     ToolSpec,
-    TopLogprob,
 )
 from lmlink.v1 import inference_pb2 as pb
 
@@ -34,12 +26,6 @@ _MODES = {
     pb.TOOL_CHOICE_MODE_REQUIRED: "required",
 }
 _MODE_OF = {v: k for k, v in _MODES.items()}
-_FINISH_OF = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_CANCELLED: "cancelled",
-    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
-}
 
 
 # ----- wire -> engine (the server) ------------------------------------------------------------
@@ -148,48 +134,3 @@ def request_to_wire(r: GenerationRequest, model: str = "", request_id: str = "")
         req.logprobs.top_logprobs = s.logprobs
     return req
 
-
-def event_from_wire(m: pb.GenerateEvent) -> Event | None:
-    """A server's event as the engine event the doors render (None: nothing for them)."""
-    kind = m.WhichOneof("event")
-    if kind == "delta":
-        d = m.delta
-        lps = [
-            TokenLogprob(lp.token_id, lp.token, lp.logprob, lp.bytes,
-                         tuple(TopLogprob(t.token_id, t.token, t.logprob, t.bytes) for t in lp.top))
-            for lp in d.logprobs
-        ] or None
-        return TokenDelta(d.text, list(d.token_ids), lps)
-    if kind == "tool_call":
-        c = m.tool_call
-        return ToolCallEvent(ToolCall(c.id, c.name, c.arguments_json, c.index))
-    if kind == "started":
-        return Started(m.started.model, m.started.prompt_tokens, m.started.cached_tokens)
-    if kind == "prompt_progress":
-        p = m.prompt_progress
-        return PromptProgress(p.processed_tokens, p.total_tokens)
-    if kind == "completed":
-        c, u, t = m.completed, m.completed.usage, m.completed.timings
-        return Completed(
-            _FINISH_OF.get(c.finish_reason, "stop"),  # type: ignore[arg-type]
-            u.prompt_tokens, u.completion_tokens, u.cached_tokens, t.time_to_first_token_ms,
-            t.total_ms, t.tokens_per_second, t.prompt_tokens_per_second, t.queued_ms,
-        )
-    return None
-
-
-def from_client_event(event: Any) -> Event | None:
-    """The client's TokenDelta / ToolCall as the engine events the OpenAI renderers take."""
-    from lmlink.client import events as ev
-
-    if isinstance(event, ev.TokenDelta):
-        lps = [
-            TokenLogprob(lp.token_id, lp.token, lp.logprob, lp.token.encode(),
-                         tuple(TopLogprob(t.token_id, t.token, t.logprob, t.token.encode())
-                               for t in lp.top))
-            for lp in event.logprobs
-        ] or None
-        return TokenDelta(event.text, list(event.token_ids), lps)
-    if isinstance(event, ev.ToolCall):
-        return ToolCallEvent(ToolCall(event.id, event.name, event.arguments, event.index))
-    return None

@@ -17,7 +17,7 @@ Refused with a 400 naming the field: image / document / other non-text blocks, s
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse

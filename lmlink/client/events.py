@@ -29,6 +29,7 @@ class Logprob:
     token: str
     logprob: float
     top: tuple["Logprob", ...] = ()
+    bytes: bytes = b""  # the token's raw bytes (its text may be a partial UTF-8 sequence)
 
 
 @dataclass(frozen=True)

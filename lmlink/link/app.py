@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from lmlink.api.http_bridge import _ClientGone, _unless_disconnected, peer_string
 from lmlink.api.agent_doors import agent_routes
-from lmlink.api.agent_wire import from_client_event, request_to_wire
+from lmlink.api.agent_wire import request_to_wire
 from lmlink.api.gate import is_loopback_peer
 from lmlink.api.openai_agent import Extras
 from lmlink.api.openai_schema import (
@@ -53,7 +53,7 @@ from lmlink.client.errors import LmlinkError
 from lmlink.engine.types import Completed as EngineCompleted
 from lmlink.v1 import inference_pb2 as pb
 
-from .doors import LinkBackend
+from .doors import LinkBackend, from_client_event
 from .router import NoServer, Router, Server
 
 log = logging.getLogger("lmlink.link")

@@ -9,11 +9,33 @@ from typing import Any, AsyncIterator
 
 from starlette.requests import Request
 
-from lmlink.api.agent_wire import from_client_event
 from lmlink.api.openai_schema import ApiError, CompletionCall
 from lmlink.client import events as ev
 from lmlink.client.errors import LmlinkError
-from lmlink.engine.types import GenerationRequest, Started
+from lmlink.engine.types import (
+    Event,
+    GenerationRequest,
+    Started,
+    TokenDelta,
+    TokenLogprob,
+    ToolCall,
+    ToolCallEvent,
+    TopLogprob,
+)
+
+
+def from_client_event(event: Any) -> Event | None:
+    """The client's TokenDelta / ToolCall as the engine events the OpenAI renderers take."""
+    if isinstance(event, ev.TokenDelta):
+        lps = [
+            TokenLogprob(lp.token_id, lp.token, lp.logprob, lp.bytes,
+                         tuple(TopLogprob(t.token_id, t.token, t.logprob, t.bytes) for t in lp.top))
+            for lp in event.logprobs
+        ] or None
+        return TokenDelta(event.text, list(event.token_ids), lps)
+    if isinstance(event, ev.ToolCall):
+        return ToolCallEvent(ToolCall(event.id, event.name, event.arguments, event.index))
+    return None
 
 
 class _LinkCall:
