@@ -263,3 +263,24 @@ def test_response_store_is_bounded_per_caller_and_in_total():
     assert store.get("b", "s1") is not None and store.get("a", "s1") is None  # per caller
     store.put("c", "big", (ChatTurn("user", "z" * 2000),))
     assert len(store) == 1  # over the character budget: older ones go first
+
+
+def test_claude_code_shaped_request_streams(base):
+    """The shape Claude Code sends (beta query, cache_control everywhere, metadata, thinking off,
+    system blocks, tool schemas with $schema) is accepted and streams Anthropic's events."""
+    body = {
+        "model": "", "max_tokens": 12, "stream": True, "temperature": 1,
+        "metadata": {"user_id": "user_abc"}, "thinking": {"type": "disabled"},
+        "system": [{"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "Bash", "description": "Run a command", "cache_control": {"type": "ephemeral"},
+                   "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                                    "properties": {"command": {"type": "string"}}, "required": ["command"],
+                                    "additionalProperties": False}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "List files.",
+                                                     "cache_control": {"type": "ephemeral"}}]}],
+    }
+    headers = {"x-api-key": "unused", "anthropic-version": "2023-06-01", "anthropic-beta": "prompt-caching-2024-07-31"}
+    with httpx.stream("POST", base + "/v1/messages?beta=true", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200
+        events = [line.split(": ", 1)[1] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "message_start" and events[-1] == "message_stop" and "message_delta" in events
