@@ -252,3 +252,16 @@ def test_python_client_over_grpc_tools_schema_logprobs(server):
         lps = [lp for e in client.stream(messages=ask_, max_tokens=5, top_logprobs=2)
                if isinstance(e, ClientDelta) for lp in e.logprobs]
         assert len(lps) >= 1 and all(lp.logprob <= 0 and len(lp.top) == 2 for lp in lps)
+
+
+def test_a_tokenizer_llguidance_cannot_wrap_is_a_clear_refusal():
+    from lmlink.engine.constrained import llg_tokenizer
+
+    class SlowTokenizer:  # not a transformers fast tokenizer
+        eos_token_ids = [0]
+        eos_token_id = 0
+
+    tok = SlowTokenizer()
+    for _ in range(2):  # remembered, and still a clear refusal
+        with pytest.raises(InvalidRequest, match="not available for this model's tokenizer"):
+            llg_tokenizer(tok)

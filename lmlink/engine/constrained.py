@@ -36,20 +36,32 @@ def _llg() -> Any:
 
 
 def llg_tokenizer(tokenizer: Any) -> Any:
-    """The llguidance view of a model's tokenizer (~0.6 s for 49k tokens: built once)."""
+    """The llguidance view of a model's tokenizer (~0.6 s for 49k tokens: built once).
+
+    A tokenizer llguidance cannot wrap (a slow, non-Rust one) makes every constrained request
+    an InvalidRequest saying so; the failure is remembered like a success.
+    """
     with _lock:
         cached = getattr(tokenizer, "_lmlink_llg", None)
         if cached is None:
             from llguidance.hf import from_tokenizer
 
             hf = getattr(tokenizer, "_tokenizer", tokenizer)
-            eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id]))
-            cached = from_tokenizer(hf, eos_token=eos if len(eos) > 1 else eos[0])
+            try:
+                eos = sorted(set(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id]))
+                cached = from_tokenizer(hf, eos_token=eos if len(eos) > 1 else eos[0])
+            except Exception as exc:  # what llguidance raises varies (ValueError, RuntimeError)
+                cached = InvalidRequest(
+                    f"constrained decoding (response formats, forced tool calls) is not available "
+                    f"for this model's tokenizer: {exc}"
+                )
             try:
                 tokenizer._lmlink_llg = cached
             except AttributeError:  # pragma: no cover - a tokenizer that refuses attributes
                 pass
-        return cached
+    if isinstance(cached, InvalidRequest):
+        raise cached
+    return cached
 
 
 def parse_schema(text: str, what: str) -> Any:
@@ -200,3 +212,16 @@ def make_grammar_processor(
 @functools.lru_cache(maxsize=1)
 def library_version() -> str:
     return getattr(_llg(), "__version__", "?")
+
+
+def warm_up(tokenizer: Any) -> None:
+    """Build the llguidance tokenizer in the background (~0.6 s for 49k tokens, more for 150k),
+    so the first constrained request does not stall its caller (an event loop, often)."""
+
+    def build() -> None:
+        try:
+            llg_tokenizer(tokenizer)
+        except InvalidRequest:  # constrained requests will say so
+            pass
+
+    threading.Thread(target=build, name="lmlink-llg-warmup", daemon=True).start()

@@ -22,6 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from .constrained import warm_up
 from .loader import LoadedModel
 from .logprobs import token_logprob
 from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
@@ -160,6 +161,7 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
         self._ready.wait()
+        warm_up(self._tokenizer)
 
     def add_step_listener(self, listener: Callable[[], None]) -> None:
         """Called on the worker thread after each step's events were delivered (must not block)."""

@@ -7,7 +7,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .types import TokenLogprob, TopLogprob
+from .types import InvalidRequest, TokenLogprob, TopLogprob
 
 
 def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
@@ -15,7 +15,7 @@ def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
 
     try:
         return bytes(llg_tokenizer(tokenizer).decode_bytes([token_id]))
-    except Exception:  # a tokenizer llguidance cannot wrap: fall back to decoded text
+    except InvalidRequest:  # a tokenizer llguidance cannot wrap: fall back to decoded text
         return tokenizer.decode([token_id]).encode("utf-8")
 
 
