@@ -18,10 +18,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from lmlink.access.gate import PolicyGate
 from lmlink.access.identity import Identity
-from lmlink.access.policy import Policy
-from lmlink.api.gate import Gate, LoopbackGate
+from lmlink.api.gate import LoopbackGate
 
 log = logging.getLogger("lmlink.server")
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -53,10 +51,12 @@ class TailnetSettings:
 
 @dataclass
 class FrontDoor:
-    """What serve needs from a listen mode: a gate, how to bind, and how to expose ports."""
+    """What serve needs from a listen mode: who a transport peer is, how to bind, and how
+    to expose ports. Grants are not the door's business: the access guard decides those."""
 
     mode: str
-    gate: Gate
+    # The identity behind a transport peer (grpc `context.peer()` form), None for strangers.
+    identify: Callable[[str], Identity | None]
     bind_host: str
     grpc_credentials: grpc.ServerCredentials | None = None
     http_tls_files: tuple[Path, Path] | None = None
@@ -86,7 +86,7 @@ class FrontDoor:
 def local_door(host: str) -> FrontDoor:
     if host not in LOOPBACK_HOSTS:
         raise FrontDoorError(f"local mode only listens on loopback, not {host!r}")
-    return FrontDoor("local", LoopbackGate(), host)
+    return FrontDoor("local", LoopbackGate().identify, host)
 
 
 async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
@@ -167,7 +167,7 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
 
     return FrontDoor(
         mode=mode,
-        gate=PolicyGate(identities.lookup, Policy()),
+        identify=identities.lookup,
         bind_host="127.0.0.1",
         grpc_credentials=server_credentials(tls, require_client_cert=settings.require_client_cert),
         http_tls_files=http_files,

@@ -7,10 +7,11 @@ and clients get a clear answer ("still loading") instead of a refused connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,10 +19,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lmlink.api.core import Core, ServerFacts
 from lmlink.api.gate import Gate
-from lmlink.api.grpc_service import InferenceService, ServerFacts
-from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
-from lmlink.api.limits import Guard, open_guard
+from lmlink.api.grpc_service import InferenceService, add_servicer
+from lmlink.api.http_bridge import BridgeOptions, HttpBridge
+from lmlink.api.http_shell import LOOPBACK_NAMES, HttpListener, bind_socket
+from lmlink.api.limits import open_guard
+from lmlink.api.models import ModelManager
 from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
 from lmlink.engine.loader import LoadedModel, load_model
@@ -56,6 +60,13 @@ class ServeOptions:
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
     cluster: Any = None  # cluster rank 0: has make_engine(progress) -> Engine (lmlink.cluster)
     idle_ttl: float = 0.0  # unload models idle this many seconds (0: never)
+    # Browser UIs (origins like "http://localhost:3000") allowed to call the HTTP bridge.
+    allowed_origins: tuple[str, ...] = field(default_factory=lambda: env_list("LMLINK_ALLOWED_ORIGINS"))
+
+
+def env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated environment variable as a tuple (empty when unset)."""
+    return tuple(v.strip() for v in os.environ.get(name, "").split(",") if v.strip())
 
 
 @dataclass
@@ -98,7 +109,13 @@ async def serve(
     loaded: LoadedModel | None = None,
     gate: Gate | None = None,
 ) -> None:
-    """Run until SIGINT/SIGTERM (or the returned `stopped` event is set)."""
+    """Run until SIGINT/SIGTERM (or the returned `stopped` event is set).
+
+    Parts come up in order under one exit stack and go down in reverse: front door, access
+    guard, model manager, gRPC and HTTP listeners, mDNS; then the first model loads.
+    """
+    from lmlink.access.store import StoreError
+
     try:
         if options.listen == "local":
             door = local_door(options.host)
@@ -106,100 +123,26 @@ async def serve(
             door = await tailnet_door(options.listen, options.tailnet)
     except FrontDoorError as exc:
         raise ServeError(str(exc)) from None
-    from lmlink.access.store import StoreError
-
-    try:  # shares, tokens, quotas and the audit trail live in the state dir
-        guard = open_guard(options.tailnet.state_dir, door.gate.identify, gate=gate,
-                           refresh=door.refresh, owner_login=door.owner_login,
-                           audit_prompts=options.audit_prompts)
-    except StoreError as exc:
-        await door.aclose()
-        raise ServeError(str(exc)) from None
-    try:
-        await _serve_behind(door, options, on_ready, on_progress, loaded, guard.gate, guard)
-    finally:
-        guard.close()
-        await door.aclose()
-
-
-async def _serve_behind(
-    door: FrontDoor,
-    options: ServeOptions,
-    on_ready: Callable[[RunningServer], None] | None,
-    on_progress: Callable[[str], None] | None,
-    loaded: LoadedModel | None,
-    gate: Gate,
-    guard: Guard | None = None,
-) -> None:
-    loop = asyncio.get_running_loop()
-    registry = ModelRegistry()
-    hub = StreamHub(loop, pace=options.stream_pace_ms / 1000)
-    ready = asyncio.Event()
-    facts = ServerFacts(name=options.name, listen_mode=options.listen, started_at=time.time())
-    service = InferenceService(registry, hub, gate, facts, ready.is_set, guard=guard)
-
-    server = grpc.aio.server(options=grpc_channel_options())
-    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
-    if guard is not None and guard.access is not None:  # owner-only shares/tokens/usage
-        from lmlink.api.admin_service import AdminService
-        from lmlink.v1 import admin_pb2_grpc
-
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(guard), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )
-    # In tailnet modes the servers bind a private loopback port (any) and a relay takes the
-    # public port; in local mode they bind the public port directly.
-    relayed = door.mode != "local"
-    bind = door.bind_host
-    host = f"[{bind}]" if ":" in bind else bind
-    grpc_bind_port = 0 if relayed else options.grpc_port
-    check_bindable(bind, grpc_bind_port)
-    try:
-        if door.grpc_credentials is None:
-            port = server.add_insecure_port(f"{host}:{grpc_bind_port}")
-        else:
-            port = server.add_secure_port(f"{host}:{grpc_bind_port}", door.grpc_credentials)
-    except RuntimeError as exc:
-        raise ServeError(f"cannot listen on {host}:{grpc_bind_port}: {exc}") from exc
-    http: HttpListener | None = None
-    if options.http_port is not None:  # same host as gRPC, so the same listener rules apply
-        http_bind_port = 0 if relayed else options.http_port
-        try:
-            http_socket = bind_socket(bind, http_bind_port)
-        except OSError as exc:
-            raise ServeError(f"cannot listen on {host}:{http_bind_port}: {exc.strerror}") from None
-        http = HttpListener(
-            HttpBridge(registry, hub, gate, ready.is_set, guard=guard).app(), http_socket,
-            door.http_tls_files,
-        )
-    for svc in ("", SERVICE_NAME):
-        await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
-    if http is not None:
-        await http.start()
-
-    stopped = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stopped.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
-    advertiser = None
-    try:
-        try:
-            grpc_address = await door.expose(port, options.grpc_port)
-            http_address = (
-                await door.expose(http.port, options.http_port)
-                if http is not None and options.http_port is not None
-                else None
-            )
-        except FrontDoorError as exc:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(door.aclose)
+        try:  # shares, tokens, quotas and the audit trail live in the state dir
+            guard = open_guard(options.tailnet.state_dir, door.identify, gate=gate,
+                               refresh=door.refresh, owner_login=door.owner_login,
+                               audit_prompts=options.audit_prompts)
+        except StoreError as exc:
             raise ServeError(str(exc)) from None
+        stack.callback(guard.close)
+        models = ModelManager(StreamHub(asyncio.get_running_loop(),
+                                        pace=options.stream_pace_ms / 1000),
+                              idle_ttl=options.idle_ttl)
+        await stack.enter_async_context(models.running())
+        guard.start()
+        stack.push_async_callback(guard.aclose)
+        core = Core(models, guard, ServerFacts(name=options.name, listen_mode=options.listen))
+        grpc_address, health = await stack.enter_async_context(build_grpc(core, door, options))
+        http_address = await stack.enter_async_context(build_http(core, door, options))
+        stopped = _stop_on_signals()
+        advertiser = None
         if options.mdns:
             from lmlink.net.mdns import start_for_server
 
@@ -209,72 +152,126 @@ async def _serve_behind(
                 localapi_socket=options.tailnet.localapi_socket,
                 tsnet_hostname=options.tailnet.tsnet_hostname,
             )
-        if options.cluster is not None:  # rank 0 of a cluster: a sharded, lockstep engine
-            engine = await asyncio.to_thread(options.cluster.make_engine, on_progress)
-            loaded = engine.loaded
-        else:
-            if loaded is None:
-                loaded = await asyncio.to_thread(load_model, options.model, progress=on_progress)
-            engine = Engine(loaded, options.engine)
-        engine.add_step_listener(hub.on_step)
-        await asyncio.to_thread(engine.start)
-        registry.add(engine, default=True, spec=options.model)
-        if options.cluster is None:  # other models cannot join a sharded cluster at runtime
-            _enable_model_management(registry, options, hub)
-        else:
-            health_watch = asyncio.ensure_future(_watch_health(registry, health_servicer))
-        sweeper = asyncio.ensure_future(service.sweep_idle())
-        if guard is not None:
-            guard.start()
-        ready.set()
-        for svc in ("", SERVICE_NAME):
-            await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+            # goodbye packets first on the way down, so browsers drop us at once
+            stack.push_async_callback(advertiser.aclose)
+        engine = await _first_engine(models, options, loaded, on_progress)
+        await health(True)
+        models.on_health(health)
         if advertiser is not None:
-            await advertiser.serving(lambda: [e.model_id for e in registry.engines()])
-        log.info("serving %s on %s (listen mode %s)", loaded.id, grpc_address, options.listen)
+            await advertiser.serving(lambda: [e.model_id for e in models.engines()])
+        log.info("serving %s on %s (listen mode %s)", engine.model_id, grpc_address, options.listen)
         if on_ready:
-            on_ready(
-                RunningServer(grpc_address, registry, stopped, http_address, door.fingerprint)
-            )
+            on_ready(RunningServer(grpc_address, models.registry, stopped, http_address,
+                                   door.fingerprint))
         await stopped.wait()
-    finally:
-        if advertiser is not None:  # goodbye packets first, so browsers drop us at once
-            await advertiser.aclose()
-        await health_servicer.enter_graceful_shutdown()
-        await asyncio.gather(server.stop(grace=2.0), http.stop() if http else asyncio.sleep(0))
-        if "sweeper" in locals():
-            sweeper.cancel()
-        if "health_watch" in locals():
-            health_watch.cancel()
-        await asyncio.to_thread(registry.stop_all)
-        if guard is not None:
-            await guard.aclose()
 
 
-async def _watch_health(registry: ModelRegistry, health_servicer) -> None:
-    """Cluster mode: a rank that fails makes the engine unhealthy; say so (NOT_SERVING)."""
-    serving = True
-    while True:
-        await asyncio.sleep(0.25)
-        ok = all(e.healthy for e in registry.engines())
-        if ok != serving:
-            serving = ok
-            state = (health_pb2.HealthCheckResponse.SERVING if ok
-                     else health_pb2.HealthCheckResponse.NOT_SERVING)
-            for svc in ("", SERVICE_NAME):
-                await health_servicer.set(svc, state)
-
-
-def _enable_model_management(registry: ModelRegistry, options: ServeOptions, hub: StreamHub) -> None:
-    """LoadModel/UnloadModel: how to start an engine for a newly loaded model, idle TTL."""
-    from lmlink.engine.loader import BUILTIN_MODEL_ID
-
-    def start_engine(loaded: LoadedModel) -> Engine:
+async def _first_engine(models: ModelManager, options: ServeOptions, loaded: LoadedModel | None,
+                        on_progress: Callable[[str], None] | None) -> Engine:
+    """Load and start the model named on the command line (or rank 0's sharded engine)."""
+    if options.cluster is not None:  # rank 0 of a cluster: a sharded, lockstep engine
+        engine = await asyncio.to_thread(options.cluster.make_engine, on_progress)
+    else:
+        if loaded is None:
+            loaded = await asyncio.to_thread(load_model, options.model, progress=on_progress)
         engine = Engine(loaded, options.engine)
-        engine.add_step_listener(hub.on_step)
-        engine.start()
-        return engine
+    await asyncio.to_thread(engine.start)
+    models.add(engine, default=True, spec=options.model)
+    if options.cluster is None:  # other models cannot join a sharded cluster at runtime
+        from lmlink.engine.loader import BUILTIN_MODEL_ID
 
-    registry.engine_factory = start_engine
-    registry.default_idle_ttl = options.idle_ttl
-    registry.remember(BUILTIN_MODEL_ID, "builtin", ("builtin",))
+        models.enable_loading(lambda m: Engine(m, options.engine), {BUILTIN_MODEL_ID: "builtin"})
+    return engine
+
+
+@contextlib.asynccontextmanager
+async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
+    """The gRPC server (Inference, Admin, Health, reflection), listening and exposed.
+
+    Yields (public address, set_health(serving)); health is NOT_SERVING until set.
+    """
+    server = grpc.aio.server(options=grpc_channel_options())
+    add_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, InferenceService(core), server)
+    if core.guard.access is not None:  # owner-only shares/tokens/usage
+        from lmlink.api.admin_service import AdminService
+        from lmlink.v1 import admin_pb2_grpc
+
+        add_servicer(admin_pb2_grpc.add_AdminServicer_to_server, AdminService(core.guard), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    # In tailnet modes the servers bind a private loopback port (any) and a relay takes the
+    # public port; in local mode they bind the public port directly.
+    bind = door.bind_host
+    host = f"[{bind}]" if ":" in bind else bind
+    bind_port = 0 if door.mode != "local" else options.grpc_port
+    check_bindable(bind, bind_port)
+    try:
+        if door.grpc_credentials is None:
+            port = server.add_insecure_port(f"{host}:{bind_port}")
+        else:
+            port = server.add_secure_port(f"{host}:{bind_port}", door.grpc_credentials)
+    except RuntimeError as exc:
+        raise ServeError(f"cannot listen on {host}:{bind_port}: {exc}") from exc
+
+    async def set_health(serving: bool) -> None:
+        state = (health_pb2.HealthCheckResponse.SERVING if serving
+                 else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for svc in ("", SERVICE_NAME):
+            await health_servicer.set(svc, state)
+
+    await set_health(False)
+    await server.start()
+    try:
+        try:
+            address = await door.expose(port, options.grpc_port)
+        except FrontDoorError as exc:
+            raise ServeError(str(exc)) from None
+        yield address, set_health
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+
+
+@contextlib.asynccontextmanager
+async def build_http(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
+    """The HTTP bridge on the same host as gRPC (None: no bridge); yields its address."""
+    if options.http_port is None:
+        yield None
+        return
+    bind_port = 0 if door.mode != "local" else options.http_port
+    host = f"[{door.bind_host}]" if ":" in door.bind_host else door.bind_host
+    try:
+        sock = bind_socket(door.bind_host, bind_port)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{bind_port}: {exc.strerror}") from None
+    # Plaintext loopback (local mode) is what DNS rebinding reaches: only loopback names.
+    # TLS listeners need no Host list: a rebound name fails the certificate check.
+    allowed_hosts = (*LOOPBACK_NAMES, door.bind_host) if door.http_tls_files is None else None
+    bridge = HttpBridge(core, BridgeOptions(allowed_hosts=allowed_hosts,
+                                            allowed_origins=options.allowed_origins))
+    listener = HttpListener(bridge.app(), sock, door.http_tls_files)
+    await listener.start()
+    try:
+        try:
+            address = await door.expose(listener.port, options.http_port)
+        except FrontDoorError as exc:
+            raise ServeError(str(exc)) from None
+        yield address
+    finally:
+        await listener.stop()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stopped.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    return stopped

@@ -17,7 +17,8 @@ from lmlink.access.quotas import UsageMeter, Window
 from lmlink.access.shares import ShareError, parse_duration
 from lmlink.access.state import AccessState, principal_of
 from lmlink.access.store import SCHEMA_VERSION, Store, StoreError
-from lmlink.api.limits import Caller, Guard, Refusal, _Slots
+from lmlink.api.admission import Slots as _Slots
+from lmlink.api.limits import Caller, Guard, Refusal
 from lmlink.engine.types import Completed, GenerationRequest, SamplingOptions, TokenDelta
 
 
@@ -195,15 +196,24 @@ async def test_a_free_slot_goes_to_the_caller_holding_fewest():
     assert order.count("heavy") == 7
 
 
-async def test_waiting_queue_is_bounded():
+async def test_waiting_queue_is_bounded_but_keeps_a_place_for_an_idle_caller():
     slots = _Slots(capacity=1, max_waiting=1)
     await slots.acquire("a", lambda f: None)
     waiter = asyncio.ensure_future(slots.acquire("a", lambda f: None))
     await asyncio.sleep(0)
-    with pytest.raises(Refusal) as info:
+    with pytest.raises(Refusal) as info:  # the queue is full for "a" ...
+        await slots.acquire("a", lambda f: None)
+    assert info.value.kind == "overloaded"
+    other = asyncio.ensure_future(slots.acquire("b", lambda f: None))  # ... not for idle "b"
+    await asyncio.sleep(0)
+    assert not other.done()
+    with pytest.raises(Refusal):  # but "b" gets one place only
         await slots.acquire("b", lambda f: None)
-    assert info.value.kind == "resource_exhausted"
-    waiter.cancel()
+    slots.release("a")
+    await asyncio.sleep(0)
+    slots.release("a")
+    await asyncio.sleep(0)
+    assert waiter.done() and other.done() and slots.running == {"b": 1}
 
 
 @dataclass

@@ -186,21 +186,23 @@ from test_http_bridge import DenyGate, bridge  # noqa: E402
 
 @contextlib.asynccontextmanager
 async def guarded_bridge(engine, guard):
-    from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
+    """The bridge over the call core with a real Guard (grants, tokens, quotas, audit)."""
+    from lmlink.api.core import Core, ServerFacts
+    from lmlink.api.http_bridge import HttpBridge
+    from lmlink.api.http_shell import HttpListener, bind_socket
+    from lmlink.api.models import ModelManager
     from lmlink.api.streams import StreamHub
-    from lmlink.engine.registry import ModelRegistry
 
-    hub = StreamHub(asyncio.get_running_loop())
-    engine.add_step_listener(hub.on_step)
-    registry = ModelRegistry()
-    registry.add(engine)
-    app = HttpBridge(registry, hub, guard.gate, guard=guard).app()
+    models = ModelManager(StreamHub(asyncio.get_running_loop()))
+    models.add(engine)
+    app = HttpBridge(Core(models, guard, ServerFacts("t", "local"))).app()
     listener = HttpListener(app, bind_socket("127.0.0.1", 0))
     await listener.start()
     try:
         yield f"http://{listener.address}"
     finally:
         await listener.stop()
+
 
 MSG = {"model": "", "max_tokens": 40, "messages": [{"role": "user", "content": "Tell me about rivers."}]}
 
@@ -244,7 +246,7 @@ async def test_tokens_quotas_audit_and_private_response_state(engine, tmp_path):
             assert mine.status_code == 200
         rows = state.store.query("SELECT login, via, outcome FROM requests ORDER BY seq")
         logins = [(r[0], r[1]) for r in rows]
-        assert ("alice@example.com", "http") in logins and ("bob@example.com", "http") in logins
+        assert ("alice@example.com", "anthropic") in logins and ("bob@example.com", "responses") in logins
     finally:
         state.close()
 

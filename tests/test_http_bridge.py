@@ -28,10 +28,13 @@ import pytest
 from lmlink.access.identity import Identity, loopback_owner
 from lmlink.api.conversations import ConversationStore
 from lmlink.api.gate import LoopbackGate, Verdict
-from lmlink.api.http_bridge import BridgeOptions, HttpBridge, HttpListener, bind_socket
+from lmlink.api.core import Core, ServerFacts
+from lmlink.api.http_bridge import BridgeOptions, HttpBridge
+from lmlink.api.http_shell import HttpListener, bind_socket
+from lmlink.api.limits import Guard
+from lmlink.api.models import ModelManager
 from lmlink.api.streams import StreamHub
 from lmlink.client import Client
-from lmlink.engine.registry import ModelRegistry
 from lmlink.engine.types import ChatTurn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -373,7 +376,8 @@ def test_oversized_chunked_body_is_refused(server):
         for _ in range(50):
             yield b"x" * (128 * 1024)
 
-    response = httpx.post(f"{server.http_url}/v1/completions", content=chunks(), timeout=60)
+    response = httpx.post(f"{server.http_url}/v1/completions", content=chunks(), timeout=60,
+                          headers={"content-type": "application/json"})
     assert_openai_error(response, 413, "larger than")
 
 
@@ -429,7 +433,7 @@ def test_non_streaming_disconnect_frees_the_slot(server, grpc_client):
     payload = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True}).encode()
     host, port = server.http.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
         deadline = time.monotonic() + 5
         while grpc_client.server_info().active_streams == 0 and time.monotonic() < deadline:
@@ -478,15 +482,16 @@ class DenyGate(LoopbackGate):
 
 @contextlib.asynccontextmanager
 async def bridge(
-    engine, gate: Any = None, ready: bool = True, **options: Any
+    engine, gate: Any = None, ready: bool = True, bearer: Any = None, **options: Any
 ) -> AsyncIterator[tuple[str, HttpBridge]]:
     """The bridge over the in-process engine on a real uvicorn listener; yields (url, bridge)."""
-    hub = StreamHub(asyncio.get_running_loop())
-    if hasattr(engine, "add_step_listener"):
-        engine.add_step_listener(hub.on_step)
-    registry = ModelRegistry()
-    registry.add(engine)
-    http_bridge = HttpBridge(registry, hub, gate or LoopbackGate(), lambda: ready, BridgeOptions(**options))
+    models = ModelManager(StreamHub(asyncio.get_running_loop()))
+    if ready:
+        models.add(engine)
+    else:
+        models.registry.add(engine)  # known, but the server has not said it is ready
+    core = Core(models, Guard(gate or LoopbackGate(), None, bearer=bearer), ServerFacts("t", "local"))
+    http_bridge = HttpBridge(core, BridgeOptions(**options))
     listener = HttpListener(http_bridge.app(), bind_socket("127.0.0.1", 0))
     await listener.start()
     try:
@@ -575,7 +580,7 @@ async def test_shortcut_client_leaving_cancels_the_generation():
         host, port = url.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         payload = b'{"question": "Once upon a time", "conversation": "gone"}'
-        writer.write(b"POST /v1/shortcuts/ask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        writer.write(b"POST /v1/shortcuts/ask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
         await writer.drain()
         await asyncio.sleep(0.2)

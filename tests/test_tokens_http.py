@@ -12,23 +12,23 @@ import openai
 
 from lmlink.access.gate import PolicyGate
 from lmlink.access.state import AccessState
-from lmlink.api.http_bridge import HttpBridge, HttpListener, bind_socket
+from lmlink.api.core import Core, ServerFacts
+from lmlink.api.http_bridge import HttpBridge
+from lmlink.api.http_shell import HttpListener, bind_socket
 from lmlink.api.limits import Guard
+from lmlink.api.models import ModelManager
 from lmlink.api.streams import StreamHub
-from lmlink.engine.registry import ModelRegistry
 
 
 @contextlib.asynccontextmanager
 async def guarded_bridge(engine: Any, state: AccessState) -> AsyncIterator[str]:
     """Like a tailnet server's private loopback port dialed directly: nobody is identified."""
-    hub = StreamHub(asyncio.get_running_loop())
-    engine.add_step_listener(hub.on_step)
-    registry = ModelRegistry()
-    registry.add(engine)
+    models = ModelManager(StreamHub(asyncio.get_running_loop()))
+    models.add(engine)
     gate: Any = PolicyGate(lambda peer: None, state.policy)
     guard = Guard(gate, state)
-    listener = HttpListener(HttpBridge(registry, hub, gate, guard=guard).app(),
-                            bind_socket("127.0.0.1", 0))
+    core = Core(models, guard, ServerFacts("t", "tailscaled"))
+    listener = HttpListener(HttpBridge(core).app(), bind_socket("127.0.0.1", 0))
     await listener.start()
     guard.start()
     try:

@@ -30,7 +30,8 @@ class AdminService(pb_grpc.AdminServicer):
         try:
             caller = await self._guard.identify(context.peer(), metadata.get("authorization"))
         except Refusal as refusal:
-            await context.abort(refusal.grpc_code, refusal.message)
+            await context.abort(refusal.grpc_status, refusal.message,
+                                trailing_metadata=refusal.trailing_metadata())
         identity = caller.identity
         if not identity.is_owner:
             await context.abort(

@@ -1,10 +1,9 @@
-"""The Responses and Anthropic doors on the server's HTTP bridge: routes and the backend that
-sends their neutral requests down the bridge's own path (identify -> grants, quotas, fair
-admission, audit -> engine), so they obey exactly the rules the OpenAI endpoints obey."""
+"""The Responses and Anthropic doors on the server's HTTP bridge: routes, and the backend that
+sends their neutral requests through the call core (identify -> grants, quotas, fair admission,
+audit -> engine), so they obey exactly the rules every other door obeys."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
@@ -13,8 +12,13 @@ from starlette.routing import Route
 from lmlink.engine.types import GenerationRequest
 
 from .anthropic_door import AnthropicDoor
+from .core import Core, Generation, owner_key
 from .door_common import DoorBackend, ResponseStore, with_api_key
+from .http_shell import peer_string
 from .responses_door import ResponsesDoor
+
+# JSON-only POST paths (the browser guard refuses other media types on them).
+AGENT_PATHS = ("/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
 
 
 def agent_routes(backend: DoorBackend, store: ResponseStore | None = None) -> list[Route]:
@@ -27,8 +31,8 @@ def agent_routes(backend: DoorBackend, store: ResponseStore | None = None) -> li
     ]
 
 
-class _BridgeCall:
-    def __init__(self, gen: Any, keepalive: float) -> None:
+class _CoreCall:
+    def __init__(self, gen: Generation, keepalive: float) -> None:
         self._gen = gen
         self._keepalive = keepalive
         self.model = gen.model
@@ -37,7 +41,7 @@ class _BridgeCall:
     async def events(self) -> AsyncIterator[Any]:
         """Engine events; None after `keepalive` seconds of silence (doors send a ping)."""
         while not self._gen.finished:
-            events = await self._gen.next(self._keepalive)
+            events = await self._gen.next_step(self._keepalive)
             if events is None:
                 yield None
                 continue
@@ -48,21 +52,21 @@ class _BridgeCall:
         self._gen.close()
 
 
-class BridgeBackend:
-    """DoorBackend over an HttpBridge (its private seam, on purpose: one path for every door)."""
+class CoreBackend:
+    """DoorBackend over the call core; `via` names the door in the audit trail."""
 
-    def __init__(self, bridge: Any) -> None:
-        self._bridge = bridge
+    def __init__(self, core: Core, keepalive_seconds: float = 10.0) -> None:
+        self._core = core
+        self._keepalive = keepalive_seconds
 
-    async def open(self, request: Request, model: str, gen: GenerationRequest) -> _BridgeCall:
+    async def _caller(self, request: Request) -> Any:
         request = with_api_key(request)
-        caller = await self._bridge._identified(request)
-        gen = replace(gen, owner=caller.identity.login_name)
-        started = await self._bridge._start(caller, model, gen)
-        return _BridgeCall(started, self._bridge.options.keepalive_seconds)
+        return await self._core.identify(peer_string(request.scope), request.headers.get("authorization"))
+
+    async def open(self, request: Request, model: str, gen: GenerationRequest) -> _CoreCall:
+        caller = await self._caller(request)
+        via = "anthropic" if request.url.path.startswith("/v1/messages") else "responses"
+        return _CoreCall(await self._core.open(caller, model, gen, via), self._keepalive)
 
     async def caller_key(self, request: Request) -> str:
-        from .http_bridge import _caller_key
-
-        caller = await self._bridge._identified(with_api_key(request))
-        return _caller_key(caller.identity)
+        return owner_key((await self._caller(request)).identity)

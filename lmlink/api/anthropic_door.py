@@ -20,7 +20,7 @@ import json
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from lmlink.engine.types import (
     ChatTurn,
@@ -34,22 +34,22 @@ from lmlink.engine.types import (
 )
 
 from .door_common import DoorBackend, new_id, sampling, sse, with_api_key
+from .errors import CallError
+from .http_shell import EventStream, read_body
 from .openai_schema import ApiError, parse_json
 
 MAX_BODY = 4 * 1024 * 1024
 _REFUSED = ("mcp_servers", "container")
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "end_turn"}
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                503: "overloaded_error", 529: "overloaded_error"}
 
 
-def error_response(error: ApiError) -> JSONResponse:
+def error_response(error: CallError) -> JSONResponse:
     """Anthropic's error body: {"type": "error", "error": {"type", "message"}}."""
-    kind = _ERROR_TYPES.get(error.status, "api_error")
-    headers = {"retry-after": str(error.retry_after)} if error.retry_after is not None else {}
-    return JSONResponse({"type": "error", "error": {"type": kind, "message": error.message}},
-                        error.status, headers=headers)
+    retry = error.retry_seconds()
+    headers = {"retry-after": str(retry)} if retry is not None else {}
+    return JSONResponse({"type": "error", "error": {"type": error.kind.anthropic_type,
+                                                    "message": error.message}},
+                        error.http_status, headers=headers)
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -178,9 +178,7 @@ class AnthropicDoor:
         self.backend = backend
 
     async def _body(self, request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="request_too_large")
+        raw = await read_body(request, MAX_BODY)
         return parse_json(raw)
 
     async def messages(self, request: Request) -> Response:
@@ -189,16 +187,15 @@ class AnthropicDoor:
             body = await self._body(request)
             model, gen = parse_request(body)
             call = await self.backend.open(request, model, gen)
-        except ApiError as error:
+        except CallError as error:
             return error_response(error)
         msg = _Message(new_id("msg"), call.model)
         if body.get("stream"):
-            return StreamingResponse(_stream(call, msg), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return EventStream(_stream(call, msg))
         try:
             async for event in call.events():
                 msg.add(event)
-        except ApiError as error:
+        except CallError as error:
             return error_response(error)
         finally:
             call.close()
@@ -222,7 +219,7 @@ class AnthropicDoor:
                         break
             finally:
                 call.close()
-        except ApiError as error:
+        except CallError as error:
             return error_response(error)
         if tokens is None:
             return error_response(ApiError(502, "the server did not report the prompt size"))
@@ -321,9 +318,9 @@ async def _stream(call: Any, msg: _Message) -> AsyncIterator[bytes]:
                 chunks += [sse(kind, {"type": kind, **payload}) for kind, payload in parts]
                 if chunks:
                     yield b"".join(chunks)
-        except ApiError as error:  # after the 200: Anthropic's in-band error event
-            kind = _ERROR_TYPES.get(error.status, "api_error")
-            yield sse("error", {"type": "error", "error": {"type": kind, "message": error.message}})
+        except CallError as error:  # after the 200: Anthropic's in-band error event
+            yield sse("error", {"type": "error", "error": {"type": error.kind.anthropic_type,
+                                                           "message": error.message}})
     finally:
         call.close()
 

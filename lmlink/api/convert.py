@@ -6,7 +6,6 @@ from lmlink.engine.types import (
     Completed,
     Event,
     GenerationRequest,
-    InvalidRequest,
     PromptProgress,
     SamplingOptions,
     Started,
@@ -21,6 +20,8 @@ from .agent_wire import (
     turn_from_wire,
 )
 from lmlink.v1 import inference_pb2 as pb
+
+from .errors import CallError, ErrorKind
 
 MAX_REQUEST_ID_LENGTH = 128
 _FINISH = {
@@ -45,12 +46,15 @@ def sampling_from_wire(s: pb.SamplingParams) -> SamplingOptions:
     )
 
 
-def request_from_wire(req: pb.GenerateRequest, owner: str) -> GenerationRequest:
+def request_from_wire(req: pb.GenerateRequest, owner: str = "") -> GenerationRequest:
+    """The engine request for a wire request (CallError INVALID_ARGUMENT if it has none)."""
     if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
-        raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_LENGTH} characters")
+        raise CallError(ErrorKind.INVALID_ARGUMENT,
+                        f"request_id is longer than {MAX_REQUEST_ID_LENGTH} characters")
     which = req.WhichOneof("input")
     if which is None:
-        raise InvalidRequest("request has no input: set chat messages or a prompt")
+        raise CallError(ErrorKind.INVALID_ARGUMENT,
+                        "request has no input: set chat messages or a prompt")
     sampling = sampling_from_wire(req.sampling)
     sampling, agent = agent_fields_from_wire(req, sampling)
     if which == "chat":

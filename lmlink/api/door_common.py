@@ -3,8 +3,8 @@
 A door only translates its JSON into a neutral `GenerationRequest` and engine events back
 into its JSON. Where the request goes is a `DoorBackend`: on the server, the bridge's own
 access + admission + engine path (so grants, quotas, fair admission and the audit trail apply
-exactly as for the OpenAI endpoints); in `lmlink link`, the gRPC forwarder. Errors are raised
-as `ApiError` (status + message) and each door renders them in its own error shape.
+exactly as for the OpenAI endpoints); in `lmlink link`, the gRPC forwarder. Errors are the
+core's `CallError`s and each door renders them in its own error shape.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DoorCall(Protocol):
 
 class DoorBackend(Protocol):
     async def open(self, request: Request, model: str, gen: GenerationRequest) -> DoorCall:
-        """Identify the caller, check access and limits, submit; raise ApiError if refused."""
+        """Identify the caller, check access and limits, submit; raise CallError if refused."""
 
     async def caller_key(self, request: Request) -> str:
         """A stable key for the caller (server-side state is kept per caller)."""

@@ -28,11 +28,8 @@ import json
 import logging
 import math
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Sequence
-
-import grpc
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from lmlink.access.audit import RequestRecord
 from lmlink.access.identity import Identity
@@ -42,49 +39,16 @@ from lmlink.access.state import AccessState, principal_of
 from lmlink.access.tokens import looks_like_token
 from lmlink.engine.types import Completed, Event, GenerationRequest, TokenDelta
 
+from .admission import Refusal, Slots
 from .gate import Gate
-from .openai_schema import ApiError
 
 log = logging.getLogger("lmlink.access")
 
-_GRPC = {
-    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-}
-_HTTP = {"unauthenticated": 401, "permission_denied": 403, "resource_exhausted": 429,
-         "unavailable": 503}
+class BearerVerifier(Protocol):
+    """Maps a bearer token to the identity it was issued to (None: unknown). For servers that
+    keep no access state; lmlink's own `lmk_` tokens are verified by the access state."""
 
-
-class Refusal(Exception):
-    """Why a call may not (or no longer) proceed; maps to a gRPC status and an HTTP error."""
-
-    def __init__(self, kind: str, message: str, *, retry_after: float | None = None,
-                 code: str | None = None, outcome: str = "denied") -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.retry_after = retry_after
-        self.code = code or kind
-        self.outcome = outcome  # how the audit trail records it
-
-    @property
-    def grpc_code(self) -> grpc.StatusCode:
-        return _GRPC[self.kind]
-
-    def retry_seconds(self) -> int | None:
-        return None if self.retry_after is None else max(1, math.ceil(self.retry_after))
-
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        s = self.retry_seconds()
-        return (("retry-after", str(s)),) if s is not None else ()
-
-    def api_error(self) -> ApiError:
-        s = self.retry_seconds()
-        return ApiError(_HTTP[self.kind], self.message, code=self.code, retry_after=s,
-                        extra={"retry_after_seconds": round(self.retry_after, 3)}
-                        if self.retry_after is not None else None)
+    def verify(self, token: str) -> Identity | None: ...
 
 
 @dataclass(frozen=True)
@@ -102,86 +66,6 @@ def bearer_token(header: str | None) -> str | None:
 
 def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 10 else f"{math.ceil(s)} s"
-
-
-# ----- fair admission ----------------------------------------------------------------------
-
-
-class _Slots:
-    """At most `capacity` running streams per engine; free slots go to the caller holding
-    the fewest (ties: the one waiting longest)."""
-
-    def __init__(self, capacity: int, max_waiting: int) -> None:
-        self.capacity = max(1, capacity)
-        self.max_waiting = max(0, max_waiting)
-        self.in_use = 0
-        self.running: dict[str, int] = {}
-        self.waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
-
-    @property
-    def queued(self) -> int:
-        return sum(len(q) for q in self.waiting.values())
-
-    def _take(self, principal: str) -> None:
-        self.in_use += 1
-        self.running[principal] = self.running.get(principal, 0) + 1
-
-    async def acquire(self, principal: str, on_wait: Callable[[asyncio.Future[None]], None]) -> None:
-        if self.in_use < self.capacity and not self.waiting:
-            self._take(principal)
-            return
-        if self.queued >= self.max_waiting:
-            raise Refusal("resource_exhausted",
-                          f"{self.queued} requests are already waiting for this model; retry shortly",
-                          retry_after=1.0, code="overloaded", outcome="rate_limited")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(principal, deque()).append(fut)
-        on_wait(fut)
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(principal)  # granted just as we were cancelled: give it back
-            else:
-                self._forget(principal, fut)
-            raise
-
-    def _forget(self, principal: str, fut: asyncio.Future[None]) -> None:
-        q = self.waiting.get(principal)
-        if q is not None:
-            with contextlib.suppress(ValueError):
-                q.remove(fut)
-            if not q:
-                del self.waiting[principal]
-
-    def reject(self, principal: str, fut: asyncio.Future[None], refusal: Refusal) -> None:
-        if not fut.done():
-            self._forget(principal, fut)
-            fut.set_exception(refusal)
-
-    def release(self, principal: str) -> None:
-        self.in_use -= 1
-        left = self.running.get(principal, 0) - 1
-        if left > 0:
-            self.running[principal] = left
-        else:
-            self.running.pop(principal, None)
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        while self.in_use < self.capacity and self.waiting:
-            # fewest running first; OrderedDict order (who has waited longest) breaks ties
-            principal = min(self.waiting, key=lambda p: self.running.get(p, 0))
-            q = self.waiting[principal]
-            fut = q.popleft()
-            if q:
-                self.waiting.move_to_end(principal)
-            else:
-                del self.waiting[principal]
-            if fut.done():
-                continue
-            self._take(principal)
-            fut.set_result(None)
 
 
 # ----- one call ----------------------------------------------------------------------------
@@ -202,7 +86,7 @@ class Lease:
         self.rec = rec
         self.refusal: Refusal | None = None
         self.state = "waiting"  # -> running -> done
-        self._slots: _Slots | None = None
+        self._slots: Slots | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._request_id = ""
         self.request: GenerationRequest | None = None  # what to submit (max_tokens within budget)
@@ -221,7 +105,7 @@ class Lease:
             return self.refusal
         n = sum(len(e.token_ids) for e in events if isinstance(e, TokenDelta))
         if n:
-            self.guard._count(self, n)
+            self.guard.count(self, n)
         if self.refusal is None and not self.identity.is_owner and not any(
             isinstance(e, Completed) for e in events
         ):
@@ -229,14 +113,14 @@ class Lease:
                 self.principal, self.model, self.limits, self.guard.clock()
             ) if self.guard.access else None
             if over is not None:
-                self.cut(self.guard._quota_refusal(self.principal, self.model, over, mid=True))
+                self.cut(self.guard.quota_refusal(self.principal, self.model, over, mid=True))
         return self.refusal
 
     def complete(self, done: Completed) -> None:
         rec = self.rec
         missing = done.completion_tokens - rec.completion_tokens
         if missing > 0:
-            self.guard._count(self, missing)
+            self.guard.count(self, missing)
         rec.prompt_tokens, rec.cached_tokens = done.prompt_tokens, done.cached_tokens
         if self.refusal is not None:
             self._end(self.refusal.outcome, self.refusal.message)
@@ -258,6 +142,21 @@ class Lease:
 
     # the guard calls these ---------------------------------------------------------------
 
+    async def take_slot(self, slots: Slots) -> None:
+        """Wait (fairly) for a batch slot; the lease is `running` once it holds one."""
+        self._slots = slots
+
+        def waiting(fut: asyncio.Future[None]) -> None:
+            self._waiter = fut
+
+        await slots.acquire(self.principal, waiting)
+        self.state = "running"
+
+    def release_slot(self) -> None:
+        if self._slots is not None:
+            self._slots.release(self.principal)
+            self._slots = None
+
     def cut(self, refusal: Refusal) -> None:
         """End this call now with `refusal` (waiting: rejected; running: engine cancel)."""
         if self.refusal is not None or self.state == "done":
@@ -276,7 +175,7 @@ class Lease:
         self.state = "done"
         self.rec.outcome, self.rec.reason = outcome, reason
         self.rec.ended_at = self.guard.clock()
-        self.guard._finish(self, release=running)
+        self.guard.finish(self, release=running)
 
 
 # ----- the guard ---------------------------------------------------------------------------
@@ -292,14 +191,16 @@ class Guard:
         tailnet_recheck: float = 2.0,
         flush_every: float = 1.0,
         clock: Callable[[], float] = time.time,
+        bearer: BearerVerifier | None = None,
     ) -> None:
         self.gate = gate
+        self.bearer = bearer  # tokens of servers without access state (tests, embedders)
         self.access = access
         self.tick = tick
         self.tailnet_recheck = tailnet_recheck
         self.flush_every = flush_every
         self.clock = clock
-        self._slots: dict[int, _Slots] = {}
+        self._slots: dict[int, Slots] = {}
         self._leases: set[Lease] = set()
         self._open: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -325,6 +226,12 @@ class Guard:
                 with contextlib.suppress(Exception):
                     self.access.tokens.touch(info.id, now)
             return Caller(info.identity(self.access.owner_login), info.id)
+        if token is not None and identity is None and self.bearer is not None:
+            identity = self.bearer.verify(token)
+            if identity is None:
+                raise Refusal("unauthenticated", "the bearer token is unknown or revoked",
+                              code="invalid_api_key")
+            return Caller(identity)
         if identity is None:
             raise Refusal("unauthenticated",
                           "caller is not an authenticated peer (send Authorization: Bearer "
@@ -371,33 +278,26 @@ class Guard:
         if self.access is not None and not identity.is_owner:
             over = self.access.meter.over(principal, model, limits, self.clock())
             if over is not None:
-                self._refuse(rec, self._quota_refusal(principal, model, over, mid=False))
+                self._refuse(rec, self.quota_refusal(principal, model, over, mid=False))
             left = self.access.meter.remaining(principal, model, limits, self.clock())
             request = _within_budget(request, left, engine)
         lease = Lease(self, caller, engine, limits, rec)
         lease.request = request
         self._leases.add(lease)
         self._open[principal] = self._open.get(principal, 0) + 1
-        slots = self._slots_for(engine)
-        lease._slots = slots
-
-        def waiting(fut: asyncio.Future[None]) -> None:
-            lease._waiter = fut
-
         try:
-            await slots.acquire(principal, waiting)
+            await lease.take_slot(self._slots_for(engine))
         except Refusal as refusal:
             lease.refusal = lease.refusal or refusal
             lease.state = "done"
             rec.outcome, rec.reason, rec.ended_at = lease.refusal.outcome, lease.refusal.message, self.clock()
-            self._finish(lease, release=False)
+            self.finish(lease, release=False)
             raise lease.refusal from None
         except BaseException:
             lease.state = "done"
             rec.outcome, rec.reason, rec.ended_at = "cancelled", "the caller went away while waiting", self.clock()
-            self._finish(lease, release=False)
+            self.finish(lease, release=False)
             raise
-        lease.state = "running"
         if self.access is not None:
             try:
                 self.access.audit.begin(rec)
@@ -409,11 +309,11 @@ class Guard:
                 raise lease.refusal from None  # type: ignore[misc]
         return lease
 
-    def _slots_for(self, engine: Any) -> _Slots:
+    def _slots_for(self, engine: Any) -> Slots:
         slots = self._slots.get(id(engine))
         if slots is None:
             config = getattr(engine, "config", None)
-            slots = _Slots(getattr(config, "max_batch_size", 32), getattr(config, "max_queue", 1024))
+            slots = Slots(getattr(config, "max_batch_size", 32), getattr(config, "max_queue", 1024))
             self._slots[id(engine)] = slots
         return slots
 
@@ -423,7 +323,7 @@ class Guard:
             self.access.audit.finish(rec)
         raise refusal
 
-    def _quota_refusal(self, principal: str, model: str, over: OverQuota, *, mid: bool) -> Refusal:
+    def quota_refusal(self, principal: str, model: str, over: OverQuota, *, mid: bool) -> Refusal:
         when = "during this answer" if mid else "already"
         return Refusal(
             "resource_exhausted",
@@ -433,7 +333,7 @@ class Guard:
             outcome="quota_exceeded" if mid else "rate_limited",
         )
 
-    def _count(self, lease: Lease, n: int) -> None:
+    def count(self, lease: Lease, n: int) -> None:
         rec = lease.rec
         rec.completion_tokens += n
         if self.access is None:
@@ -442,15 +342,15 @@ class Guard:
             rec.pending[key] += n
         rec.dirty = True
 
-    def _finish(self, lease: Lease, *, release: bool) -> None:
+    def finish(self, lease: Lease, *, release: bool) -> None:
         self._leases.discard(lease)
         left = self._open.get(lease.principal, 0) - 1
         if left > 0:
             self._open[lease.principal] = left
         else:
             self._open.pop(lease.principal, None)
-        if release and lease._slots is not None:
-            lease._slots.release(lease.principal)
+        if release:
+            lease.release_slot()
         if self.access is not None:
             try:
                 self.access.audit.finish(lease.rec)

@@ -200,6 +200,18 @@ class Extras:
     def text(self) -> str:
         return "".join(self.text_parts)
 
+    async def collect(self, events: Any) -> Any:
+        """Add every event of an async iterable (a call-core Generation); return its Completed."""
+        from lmlink.engine.types import Completed
+
+        async for event in events:
+            self.add(event)
+            if isinstance(event, Completed):
+                return event
+        from .errors import CallError, ErrorKind
+
+        raise CallError(ErrorKind.INTERNAL, "the generation ended without completing")
+
     def tool_calls_json(self) -> list[dict[str, Any]]:
         return [tool_call_json(c) for c in self.tool_calls]
 

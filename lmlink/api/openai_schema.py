@@ -14,21 +14,13 @@ user, metadata, ...) are accepted and ignored, as most OpenAI-compatible servers
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Protocol
 
-from lmlink.engine.types import (
-    ChatTurn,
-    Completed,
-    DuplicateRequestId,
-    EngineError,
-    EngineStopped,
-    GenerationRequest,
-    InvalidRequest,
-    ModelNotFound,
-    Overloaded,
-    SamplingOptions,
-)
+from lmlink.engine.types import ChatTurn, GenerationRequest, SamplingOptions
+
+from .errors import CallError, ErrorKind
 
 Kind = Literal["chat", "text"]
 MAX_REQUEST_ID_LENGTH = 128  # same bound as the gRPC path (lmlink.api.convert)
@@ -50,8 +42,16 @@ _ERROR_TYPES: dict[int, str] = {
 }
 
 
-class ApiError(Exception):
-    """An expected failure with its HTTP status and OpenAI's error body."""
+_KIND_BY_STATUS: dict[int, ErrorKind] = {
+    400: ErrorKind.INVALID_ARGUMENT, 401: ErrorKind.UNAUTHENTICATED,
+    403: ErrorKind.PERMISSION_DENIED, 404: ErrorKind.NOT_FOUND, 409: ErrorKind.ALREADY_EXISTS,
+    413: ErrorKind.TOO_LARGE, 415: ErrorKind.UNSUPPORTED_MEDIA, 429: ErrorKind.RESOURCE_EXHAUSTED,
+    502: ErrorKind.UPSTREAM, 503: ErrorKind.UNAVAILABLE, 504: ErrorKind.DEADLINE_EXCEEDED,
+}
+
+
+class ApiError(CallError):
+    """A CallError raised by HTTP-only code (body parsing, the link), named by its status."""
 
     def __init__(
         self,
@@ -63,46 +63,30 @@ class ApiError(Exception):
         retry_after: int | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(message)
+        kind = _KIND_BY_STATUS.get(status, ErrorKind.INTERNAL if status >= 500 else ErrorKind.INVALID_ARGUMENT)
+        super().__init__(kind, message, code=code, param=param, retry_after=retry_after, extra=extra)
         self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.retry_after = retry_after
-        self.extra = dict(extra or {})  # top-level fields next to "error" (e.g. a partial answer)
 
     @property
-    def type(self) -> str:
-        return _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            },
-            **self.extra,
-        }
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(self.retry_after)} if self.retry_after is not None else {}
+    def http_status(self) -> int:
+        return self.status
 
 
-def error_for(exc: EngineError) -> ApiError:
-    """The HTTP form of an engine error (same meanings as the gRPC status mapping)."""
-    if isinstance(exc, InvalidRequest):
-        return ApiError(400, str(exc), code="invalid_request")
-    if isinstance(exc, ModelNotFound):
-        return ApiError(404, str(exc), code="model_not_found", param="model")
-    if isinstance(exc, DuplicateRequestId):
-        return ApiError(409, str(exc), code="duplicate_request_id")
-    if isinstance(exc, Overloaded):
-        return ApiError(429, str(exc), code="overloaded", retry_after=1)
-    if isinstance(exc, EngineStopped):
-        return ApiError(503, str(exc), code="unavailable", retry_after=5)
-    return ApiError(500, str(exc) or "internal error", code="internal_error")
+def error_type(status: int) -> str:
+    return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(error: CallError) -> dict[str, Any]:
+    """OpenAI's error body for any CallError (extra top-level fields kept, e.g. a partial answer)."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error_type(error.http_status),
+            "param": error.param,
+            "code": error.code,
+        },
+        **error.extra,
+    }
 
 
 # ----- request parsing ---------------------------------------------------------------------
@@ -119,11 +103,25 @@ class CompletionCall:
     include_usage: bool = False
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json(raw: bytes) -> Any:
+    """The body as JSON; 400 for bad JSON, nesting too deep, or text that is not Unicode
+    (a lone UTF-16 surrogate such as "\\ud800" cannot be encoded or tokenized)."""
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
+    if _SURROGATE_ESCAPE.search(raw):  # pairs are fine; only a lone half is not text
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body contains a lone UTF-16 surrogate (\\ud800-"
+                           "\\udfff); it is not text", code="invalid_json") from None
+    return body
 
 
 def parse_chat(body: Any, *, request_id: str = "", owner: str = "") -> CompletionCall:
@@ -307,12 +305,21 @@ def _unsupported(message: str, param: str) -> ApiError:
 # ----- responses ---------------------------------------------------------------------------
 
 
-def usage(done: Completed) -> dict[str, Any]:
+class UsageCounts(Protocol):
+    """Token counts of a finished generation: the engine's `Completed` and the client's
+    `Usage` both have them, so the bridge and the link encode the same way."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+def usage(counts: UsageCounts) -> dict[str, Any]:
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+        "prompt_tokens": counts.prompt_tokens,
+        "completion_tokens": counts.completion_tokens,
+        "total_tokens": counts.prompt_tokens + counts.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": counts.cached_tokens},
     }
 
 
@@ -321,8 +328,8 @@ def response_id(kind: Kind, request_id: str) -> str:
 
 
 def completion_body(
-    kind: Kind, request_id: str, created: int, model: str, text: str, done: Completed,
-    extras: Any = None,
+    kind: Kind, request_id: str, created: int, model: str, text: str, finish_reason: str,
+    counts: UsageCounts, extras: Any = None,
 ) -> dict[str, Any]:
     """The non-streaming answer (`extras`: an openai_agent.Extras with tool calls / logprobs)."""
     if kind == "chat":
@@ -334,13 +341,13 @@ def completion_body(
             "index": 0,
             "message": message,
             "logprobs": extras.logprobs_json(kind) if extras is not None else None,
-            "finish_reason": done.finish_reason,
+            "finish_reason": finish_reason,
         }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text,
                   "logprobs": extras.logprobs_json(kind) if extras is not None else None,
-                  "finish_reason": done.finish_reason}
+                  "finish_reason": finish_reason}
         obj = "text_completion"
     return {
         "id": response_id(kind, request_id),
@@ -349,7 +356,7 @@ def completion_body(
         "model": model,
         "system_fingerprint": None,
         "choices": [choice],
-        "usage": usage(done),
+        "usage": usage(counts),
     }
 
 
@@ -421,15 +428,15 @@ class ChunkEncoder:
         payload = b'"delta":{}' if self.kind == "chat" else b'"text":""'
         return self._chunk(payload, reason)
 
-    def usage(self, done: Completed) -> bytes:
+    def usage(self, counts: UsageCounts) -> bytes:
         """The extra final chunk `stream_options.include_usage` asks for: no choices, usage."""
         head = self._head[: -len(b'"choices":[{"index":0,')]
-        return head + b'"choices":[],"usage":' + _dumps(usage(done)) + b"}\n\n"
+        return head + b'"choices":[],"usage":' + _dumps(usage(counts)) + b"}\n\n"
 
 
-def error_event(error: ApiError) -> bytes:
+def error_event(error: CallError) -> bytes:
     """An error after the stream started (the status is already 200): OpenAI's in-band form."""
-    return b"data: " + _dumps(error.body()) + b"\n\n"
+    return b"data: " + _dumps(error_body(error)) + b"\n\n"
 
 
 def _dumps(value: Any) -> bytes:

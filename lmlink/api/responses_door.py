@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any, AsyncIterator, Mapping
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from lmlink.engine.types import (
     ChatTurn,
@@ -31,6 +31,8 @@ from lmlink.engine.types import (
 
 from .door_common import DoorBackend, ResponseStore, dumps, new_id, sampling
 from .openai_agent import parse_response_format, parse_tool_choice, parse_tools
+from .errors import CallError
+from .http_shell import EventStream, read_body
 from .openai_schema import ApiError, parse_json
 
 MAX_BODY = 4 * 1024 * 1024
@@ -105,9 +107,7 @@ class ResponsesDoor:
         self.store = store or ResponseStore()
 
     async def create(self, request: Request) -> Response:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="request_too_large")
+        raw = await read_body(request, MAX_BODY)
         body = parse_json(raw)
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")
@@ -155,8 +155,7 @@ class ResponsesDoor:
                 self.store.put(caller, shape.id, (*turns, output_turn))
 
         if body.get("stream"):
-            return StreamingResponse(_stream(call, shape, remember), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return EventStream(_stream(call, shape, remember))
         try:
             async for event in call.events():
                 shape.add(event)
@@ -288,7 +287,7 @@ async def _stream(call: Any, shape: _Shape, remember: Any) -> AsyncIterator[byte
                     chunks.append(emit(f"response.{final['status']}", {"response": final}))
                 if chunks:
                     yield b"".join(chunks)
-        except ApiError as error:  # after the 200: OpenAI's in-band error event, then failed
+        except CallError as error:  # after the 200: OpenAI's in-band error event, then failed
             yield emit("error", {"code": error.code, "message": error.message, "param": error.param})
             failed = shape.response("failed")
             failed["error"] = {"code": error.code or "server_error", "message": error.message}

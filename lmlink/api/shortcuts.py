@@ -15,7 +15,8 @@ from urllib.parse import parse_qsl
 
 from lmlink.engine.types import Completed
 
-from .openai_schema import ApiError, usage
+from .errors import CallError
+from .openai_schema import ApiError, parse_json, usage
 
 MAX_CONVERSATION_ID = 64
 _TRUE = ("1", "true", "yes", "on")
@@ -44,10 +45,7 @@ def parse_ask(raw: bytes, content_type: str, query: Mapping[str, str]) -> Ask:
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 text", code="invalid_request") from None
     if media == "application/json" or (not media and text.lstrip().startswith("{")):
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise ApiError(400, 'send a JSON object like {"question": "..."}', code="invalid_request")
         fields.update(body)
@@ -90,7 +88,7 @@ def answer_body(answer: str, conversation: str, model: str, done: Completed) -> 
     }
 
 
-def error_text(error: ApiError) -> str:
+def error_text(error: CallError) -> str:
     """The whole body in plain-text mode: one sentence a Shortcut can show as it is."""
     return f"Error: {error.message}"
 

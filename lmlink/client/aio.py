@@ -11,12 +11,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lmlink.v1 import inference_pb2 as pb
 from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
-from ._wire import Message, build_request, decode_event
+from ._wire import Message, decode_event
+from .base import BaseClient
 from .errors import from_rpc_error
 from .events import Event, Generation
 from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load_event
-from .security import channel_settings
-from .sync import _CHANNEL_OPTIONS, resolve_target
 
 
 class AsyncGenerationStream:
@@ -56,32 +55,18 @@ class AsyncGenerationStream:
         return result
 
 
-class AsyncClient:
-    """Talks to one lmlink server from asyncio code. `async with AsyncClient(...) as c:`."""
+class AsyncClient(BaseClient):
+    """Talks to one lmlink server from asyncio code. `async with AsyncClient(...) as c:`.
 
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        timeout: float | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        tls: bool | None = None,
-        expected_fingerprint: str | None = None,
-    ) -> None:
-        self.target = resolve_target(target)
-        self.timeout = timeout
-        credentials, opts, self.fingerprint = channel_settings(
-            self.target,
-            credentials,
-            [*_CHANNEL_OPTIONS, *options],
-            tls=tls,
-            expected_fingerprint=expected_fingerprint,
-        )
+    Takes the same settings as `Client`, `token` included.
+    """
+
+    def __init__(self, target: str | None = None, **settings: Any) -> None:
+        super().__init__(target, **settings)
         self._channel = (
-            grpc.aio.secure_channel(self.target, credentials, options=opts)
-            if credentials is not None
-            else grpc.aio.insecure_channel(self.target, options=opts)
+            grpc.aio.secure_channel(self.target, self._credentials, options=self._channel_options)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(self.target, options=self._channel_options)
         )
         self._stub = pb_grpc.InferenceStub(self._channel)
 
@@ -96,9 +81,9 @@ class AsyncClient:
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+            return await method(request, **self._call(timeout))
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from None
+            raise self._error(exc) from None
 
     def stream(
         self,
@@ -108,9 +93,9 @@ class AsyncClient:
         timeout: float | None = None,
         **options: Any,
     ) -> AsyncGenerationStream:
-        request = build_request(messages=messages, prompt=prompt, **options)
-        deadline = timeout if timeout is not None else self.timeout
-        return AsyncGenerationStream(self._stub.Generate(request, timeout=deadline), self.target)
+        request = self._generate_request(messages, prompt, options)
+        return AsyncGenerationStream(self._stub.Generate(request, **self._call(timeout)),
+                                     self.target)
 
     def stream_request(
         self, request: pb.GenerateRequest, *, decode: Any = decode_event,
@@ -148,14 +133,13 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> AsyncIterator[LoadProgress | ModelInfo]:
         """Owner only: load `model` on the server; yields LoadProgress, then the ModelInfo."""
-        request = pb.LoadModelRequest(model=model, make_default=make_default,
-                                      idle_ttl_seconds=idle_ttl)
-        call = self._stub.LoadModel(request, timeout=timeout if timeout is not None else self.timeout)
+        call = self._stub.LoadModel(self._load_request(model, make_default, idle_ttl),
+                                    **self._call(timeout))
         try:
             async for event in call:
                 yield decode_load_event(event)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from None
+            raise self._error(exc) from None
 
     async def unload_model(
         self,
@@ -166,8 +150,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> UnloadResult:
         """Owner only: stop serving `model` (waits for its streams, or cancels them)."""
-        request = pb.UnloadModelRequest(model=model, cancel_streams=cancel_streams,
-                                        drain_timeout_seconds=drain_timeout)
+        request = self._unload_request(model, cancel_streams, drain_timeout)
         return UnloadResult.from_wire(await self._unary(self._stub.UnloadModel, request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:

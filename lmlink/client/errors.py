@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import grpc
 
+from lmlink import ERROR_CODE_KEY as CODE_KEY
+from lmlink import ERROR_KIND_KEY as KIND_KEY
+
 
 class LmlinkError(Exception):
-    """Any failed call; `code` is the gRPC status, `str(exc)` a one-line reason."""
+    """Any failed call; `code` is the gRPC status, `str(exc)` a one-line reason.
+
+    `kind` is the server's name for the failure (e.g. "overloaded" vs "resource_exhausted",
+    both RESOURCE_EXHAUSTED; see lmlink.api.errors.ErrorKind), `reason` its finer code
+    (e.g. "quota_exceeded"), `retry_after` seconds to wait; empty/None when not sent.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, *, kind: str = "",
+                 reason: str = "", retry_after: float | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
+        self.kind = kind
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class InvalidArgument(LmlinkError):
@@ -78,5 +90,17 @@ def from_rpc_error(error: grpc.RpcError, target: str = "") -> LmlinkError:
         details = f"cannot reach lmlink server at {target} ({details})"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"deadline exceeded: {details}" if details else "deadline exceeded"
+    meta = _trailers(error)
+    retry = meta.get("retry-after", "")
     cls = _BY_CODE.get(code, LmlinkError)
-    return cls(details or code.name.lower(), code)
+    return cls(details or code.name.lower(), code, kind=meta.get(KIND_KEY, ""),
+               reason=meta.get(CODE_KEY, ""),
+               retry_after=float(retry) if retry.replace(".", "", 1).isdigit() else None)
+
+
+def _trailers(error: grpc.RpcError) -> dict[str, str]:
+    try:
+        pairs = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:  # not a call error (e.g. a channel failure)
+        return {}
+    return {k: v for k, v in pairs if isinstance(v, str)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -11,22 +10,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lmlink.v1 import inference_pb2 as pb
 from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
-from ._wire import Message, build_request, decode_event
+from ._wire import Message, decode_event
+from .base import CHANNEL_OPTIONS as _CHANNEL_OPTIONS  # noqa: F401 - kept for importers
+from .base import DEFAULT_TARGET, BaseClient, resolve_target
 from .errors import Cancelled, LmlinkError, from_rpc_error
 from .events import Event, Generation
 from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load_event
-from .security import channel_settings
-
-DEFAULT_TARGET = "127.0.0.1:47470"
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-]
-
-
-def resolve_target(target: str | None) -> str:
-    """Explicit target, else $LMLINK_SERVER, else the local default."""
-    return target or os.environ.get("LMLINK_SERVER") or DEFAULT_TARGET
 
 
 class GenerationStream:
@@ -57,32 +46,19 @@ class GenerationStream:
         return result
 
 
-class Client:
-    """Talks to one lmlink server. Use as a context manager, or call `close()`."""
+class Client(BaseClient):
+    """Talks to one lmlink server. Use as a context manager, or call `close()`.
 
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        timeout: float | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        tls: bool | None = None,
-        expected_fingerprint: str | None = None,
-    ) -> None:
-        self.target = resolve_target(target)
-        self.timeout = timeout
-        credentials, opts, self.fingerprint = channel_settings(
-            self.target,
-            credentials,
-            [*_CHANNEL_OPTIONS, *options],
-            tls=tls,
-            expected_fingerprint=expected_fingerprint,
-        )
+    `token` (an `lmk_...` bearer token) is sent with every call, for callers the server
+    cannot identify from the connection.
+    """
+
+    def __init__(self, target: str | None = None, **settings: Any) -> None:
+        super().__init__(target, **settings)
         self._channel = (
-            grpc.secure_channel(self.target, credentials, options=opts)
-            if credentials is not None
-            else grpc.insecure_channel(self.target, options=opts)
+            grpc.secure_channel(self.target, self._credentials, options=self._channel_options)
+            if self._credentials is not None
+            else grpc.insecure_channel(self.target, options=self._channel_options)
         )
         self._stub = pb_grpc.InferenceStub(self._channel)
 
@@ -97,9 +73,9 @@ class Client:
 
     def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
+            return method(request, **self._call(timeout))
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from None
+            raise self._error(exc) from None
 
     def stream(
         self,
@@ -110,10 +86,8 @@ class Client:
         **options: Any,
     ) -> GenerationStream:
         """Start a generation; iterate the result for Started, TokenDelta... Completed."""
-        request = build_request(messages=messages, prompt=prompt, **options)
-        deadline = timeout if timeout is not None else self.timeout
-        call = self._stub.Generate(request, timeout=deadline)
-        return GenerationStream(call, self.target)
+        request = self._generate_request(messages, prompt, options)
+        return GenerationStream(self._stub.Generate(request, **self._call(timeout)), self.target)
 
     def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         return self.stream(messages=messages, **options).collect()
@@ -142,14 +116,13 @@ class Client:
         timeout: float | None = None,
     ) -> Iterator[LoadProgress | ModelInfo]:
         """Owner only: load `model` on the server; yields LoadProgress, then the ModelInfo."""
-        request = pb.LoadModelRequest(model=model, make_default=make_default,
-                                      idle_ttl_seconds=idle_ttl)
-        call = self._stub.LoadModel(request, timeout=timeout if timeout is not None else self.timeout)
+        call = self._stub.LoadModel(self._load_request(model, make_default, idle_ttl),
+                                    **self._call(timeout))
         try:
             for event in call:
                 yield decode_load_event(event)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.target) from None
+            raise self._error(exc) from None
 
     def unload_model(
         self,
@@ -160,8 +133,7 @@ class Client:
         timeout: float | None = None,
     ) -> UnloadResult:
         """Owner only: stop serving `model` (waits for its streams, or cancels them)."""
-        request = pb.UnloadModelRequest(model=model, cancel_streams=cancel_streams,
-                                        drain_timeout_seconds=drain_timeout)
+        request = self._unload_request(model, cancel_streams, drain_timeout)
         return UnloadResult.from_wire(self._unary(self._stub.UnloadModel, request, timeout))
 
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
@@ -171,4 +143,5 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-__all__ = ["Client", "GenerationStream", "LmlinkError", "Cancelled", "resolve_target"]
+__all__ = ["Client", "GenerationStream", "LmlinkError", "Cancelled", "DEFAULT_TARGET",
+           "resolve_target"]

@@ -214,6 +214,15 @@ class Engine:
             self._wake.notify()
             return True
 
+    def cancel_all(self) -> int:
+        """Cancel every request of this engine, whichever door sent it (used to unload a
+        model: every stream then ends the same way, with finish_reason "cancelled")."""
+        with self._lock:
+            ids = list(self._by_id)
+            self._cancels.update(ids)
+            self._wake.notify()
+        return len(ids)
+
     def stats(self) -> EngineStats:
         with self._lock:
             queued = len(self._incoming)

@@ -17,7 +17,7 @@ def encode_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
     if request.prompt is not None:
         if not request.prompt:
             raise InvalidRequest("prompt is empty")
-        return list(tokenizer.encode(request.prompt, add_special_tokens=False))
+        return _encode(tokenizer, request.prompt)
     messages = request.messages or ()
     if not messages:
         raise InvalidRequest("messages is empty; send at least one chat message")
@@ -30,8 +30,22 @@ def encode_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
             )
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template; send a raw prompt instead")
-    text = render_chat(tokenizer, request)
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    text = render_chat(tokenizer, request)  # tools, tool calls and results included
+    ids = _encode(tokenizer, text)
     if not ids:
         raise InvalidRequest("the conversation encodes to no tokens")
     return ids
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text`; a tokenizer failure is the caller's bad input, not a server bug."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except Exception as exc:  # e.g. TypeError on a lone UTF-16 surrogate
+        raise InvalidRequest(f"the text cannot be tokenized: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """One short line naming the failure, never the prompt text."""
+    first = (str(exc).splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

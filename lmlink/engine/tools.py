@@ -155,8 +155,11 @@ def render_chat(tokenizer: Any, request: GenerationRequest) -> str:
             return tokenizer.apply_chat_template(
                 messages, tools=tool_list, add_generation_prompt=True, tokenize=False
             )
-        except Exception as exc:  # jinja TemplateError and friends: the template refused
-            raise InvalidRequest(f"the model's chat template refused this conversation: {exc}") from None
+        except Exception as exc:  # jinja2 errors, raise_exception() in the template, bad types
+            first = (str(exc).splitlines() or [""])[0][:160]  # one short line, never the prompt
+            raise InvalidRequest(
+                f"the model's chat template rejected the messages: {type(exc).__name__}: {first}"
+            ) from None
 
     if not uses_tools:
         return apply([{"role": t.role, "content": t.content} for t in turns], None)

@@ -13,27 +13,43 @@ MAX_TOP_LOGPROBS = 20
 
 
 class EngineError(Exception):
-    """Base of errors the engine reports to callers as an expected failure (no traceback)."""
+    """Base of errors the engine reports to callers as an expected failure (no traceback).
+
+    `kind` names the failure in the API's one error vocabulary (lmlink.api.errors.ErrorKind);
+    the engine knows no wire codes, only these names.
+    """
+
+    kind = "internal"
 
 
 class InvalidRequest(EngineError):
     """The request can never succeed as written (bad parameters, too long for the context)."""
 
+    kind = "invalid_argument"
+
 
 class ModelNotFound(EngineError):
     """No served model has this name."""
+
+    kind = "not_found"
 
 
 class Overloaded(EngineError):
     """The waiting queue is full; the caller should retry later."""
 
+    kind = "overloaded"
+
 
 class EngineStopped(EngineError):
     """The engine is shutting down or its worker died."""
 
+    kind = "unavailable"
+
 
 class DuplicateRequestId(EngineError):
     """Another running request already uses this request id."""
+
+    kind = "already_exists"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ class LinkOptions:
     prefer: dict[str, str] = field(default_factory=dict)
     refresh_interval: float = 2.0
     status_line: bool = True  # a live one-line status on stderr (when it is a terminal)
+    # Browser UIs (origins like "http://localhost:3000") allowed to call the link.
+    allowed_origins: tuple[str, ...] = field(default_factory=lambda: tuple(
+        o.strip() for o in os.environ.get("LMLINK_ALLOWED_ORIGINS", "").split(",") if o.strip()))
 
 
 @dataclass
@@ -45,7 +48,7 @@ class RunningLink:
 async def run_link(options: LinkOptions, *,
                    on_ready: Callable[[RunningLink], None] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or `stopped` is set)."""
-    from lmlink.api.http_bridge import HttpListener, bind_socket
+    from lmlink.api.http_shell import HttpListener, bind_socket
     from lmlink.client.security import is_loopback_host
 
     from .app import LinkApp
@@ -61,7 +64,7 @@ async def run_link(options: LinkOptions, *,
     from .config import config_path
 
     router.prefs_file = config_path()
-    link = LinkApp(router)
+    link = LinkApp(router, allowed_origins=options.allowed_origins)
     listener = HttpListener(link.app(), sock)
     await router.start()
     await listener.start()

@@ -15,8 +15,6 @@ or not), GET /health, GET /status (servers, their load and latency, preferences)
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -24,17 +22,23 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import grpc
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from lmlink.api.http_bridge import _ClientGone, _unless_disconnected, peer_string
-from lmlink.api.agent_doors import agent_routes
+from lmlink.api.agent_doors import AGENT_PATHS, agent_routes
 from lmlink.api.agent_wire import request_to_wire
+from lmlink.api.errors import CallError, kind_of_status
 from lmlink.api.gate import is_loopback_peer
+from lmlink.api.http_shell import (
+    LOOPBACK_NAMES,
+    ClientGone,
+    EventStream,
+    openai_app,
+    peer_string,
+    read_body,
+    unless_disconnected,
+)
 from lmlink.api.openai_agent import Extras
 from lmlink.api.openai_schema import (
     DONE,
@@ -50,7 +54,6 @@ from lmlink.api.openai_schema import (
 )
 from lmlink.client import events as ev
 from lmlink.client.errors import LmlinkError
-from lmlink.engine.types import Completed as EngineCompleted
 from lmlink.v1 import inference_pb2 as pb
 
 from .doors import LinkBackend, from_client_event
@@ -59,16 +62,6 @@ from .router import NoServer, Router, Server
 log = logging.getLogger("lmlink.link")
 MAX_BODY = 4 * 1024 * 1024
 
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request"),
-    grpc.StatusCode.NOT_FOUND: (404, "model_not_found"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_denied"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limited"),
-    grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-    grpc.StatusCode.ALREADY_EXISTS: (409, "duplicate_request_id"),
-}
 # Worth another server: it is down, overloaded, or no longer has the model.
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND,
@@ -77,34 +70,12 @@ _RETRYABLE = {
 }
 
 
-def api_error(exc: LmlinkError, server: Server) -> ApiError:
-    status, code = _HTTP_STATUS.get(exc.code, (502, "upstream_error"))
-    return ApiError(status, f"{server.label}: {exc}", code=code,
-                    retry_after=2 if status in (429, 503) else None)
-
-
-def to_engine_completed(done: ev.Completed) -> EngineCompleted:
-    u, t = done.usage, done.timings
-    return EngineCompleted(
-        done.finish_reason if done.finish_reason != "unspecified" else "stop",  # type: ignore[arg-type]
-        u.prompt_tokens, u.completion_tokens, u.cached_tokens, t.time_to_first_token_ms,
-        t.total_ms, t.tokens_per_second, t.prompt_tokens_per_second, t.queued_ms,
-    )
-
-
-def request_options(call: CompletionCall) -> dict[str, Any]:
-    """A parsed OpenAI body as keyword arguments for lmlink's client `stream()`."""
-    r, s = call.request, call.request.sampling
-    out: dict[str, Any] = {
-        "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-        "top_k": s.top_k or None, "min_p": s.min_p or None, "stop": s.stop, "seed": s.seed,
-        "repetition_penalty": s.repetition_penalty, "ignore_eos": s.ignore_eos,
-    }
-    if r.prompt is not None:
-        out["prompt"] = r.prompt
-    else:
-        out["messages"] = [{"role": m.role, "content": m.content} for m in r.messages or ()]
-    return out
+def api_error(exc: LmlinkError, server: Server) -> CallError:
+    """The server's failure as the bridge itself would have reported it (same kind table)."""
+    kind = kind_of_status(exc.code, exc.kind)
+    return CallError(kind, f"{server.label}: {exc}", code=exc.reason or None,
+                     retry_after=exc.retry_after if exc.retry_after is not None
+                     else (2 if kind.http_status in (429, 503) else None))
 
 
 @dataclass
@@ -127,26 +98,28 @@ class LinkStats:
 
 
 class LinkApp:
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, *, allowed_origins: tuple[str, ...] = ()) -> None:
         self.router = router
         self.stats = LinkStats()
+        self.allowed_origins = allowed_origins
         self._started = int(time.time())
 
-    def app(self) -> Starlette:
-        return Starlette(
-            routes=[
+    def app(self) -> Any:
+        return openai_app(
+            [
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/status", self.status, methods=["GET"]),
-                *agent_routes(LinkBackend(self)),
+                *agent_routes(LinkBackend(self)),  # Responses and Anthropic Messages
             ],
-            exception_handlers={
-                ApiError: _api_error_response,
-                HTTPException: _http_error_response,
-            },
+            # The link speaks with this user's tailnet identity over plaintext loopback: a web
+            # page must not reach it, by rebinding a name or by a cross-origin POST.
+            allowed_hosts=LOOPBACK_NAMES,
+            allowed_origins=self.allowed_origins,
+            json_paths=("/v1/chat/completions", "/v1/completions", *AGENT_PATHS),
         )
 
     # ----- models ------------------------------------------------------------------------------
@@ -203,27 +176,24 @@ class LinkApp:
 
     async def _complete(self, request: Request, parse: Callable[..., CompletionCall]) -> Any:
         _local_only(request)
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes",
-                           code="request_too_large")
-        call = parse(parse_json(raw))
+        call = parse(parse_json(await read_body(request, MAX_BODY)))
         request_id = check_request_id(request.headers.get("x-request-id", "")) or uuid.uuid4().hex
         self.stats.requests += 1
         try:
-            up = await _unless_disconnected(request.receive, self._open(call, request_id))
-        except _ClientGone:
+            up = await unless_disconnected(request.receive, self._open(call, request_id))
+        except ClientGone:
             return Response(status_code=499)
         headers = {"x-request-id": request_id, "x-lmlink-server": up.server.label}
         created = int(time.time())
         if call.stream:
-            return _Sse(self._stream(up, call, request_id, created), headers)
-        extras = Extras()
+            return EventStream(self._chunks(up, call, request_id, created), headers)
+        extras = Extras()  # tool calls and logprobs
         try:
-            text, done = await _unless_disconnected(request.receive, self._collect(up, extras))
-        except _ClientGone:
+            text, done = await unless_disconnected(request.receive, self._collect(up, extras))
+        except ClientGone:
             return Response(status_code=499)
-        body = completion_body(call.kind, request_id, created, up.model, text, done, extras)
+        body = completion_body(call.kind, request_id, created, up.model, text,
+                               _finish(done), done.usage, extras)
         return JSONResponse(body, headers=headers)
 
     async def _open(self, call: CompletionCall, request_id: str) -> _Upstream:
@@ -270,7 +240,7 @@ class LinkApp:
 
     async def _first_token(self, server: Server, model: str, request_id: str,
                            options: pb.GenerateRequest) -> _Upstream:
-        client = await self.router._client(server)
+        client = await self.router.client(server)
         wire = pb.GenerateRequest()
         wire.CopyFrom(options)
         wire.model, wire.request_id = model, request_id
@@ -305,7 +275,7 @@ class LinkApp:
             up.server.inflight -= 1
             up.stream.cancel()  # no-op when finished; cancels on the server otherwise
 
-    async def _collect(self, up: _Upstream, extras: Extras | None = None) -> tuple[str, EngineCompleted]:
+    async def _collect(self, up: _Upstream, extras: Extras | None = None) -> tuple[str, ev.Completed]:
         parts: list[str] = []
         try:
             async for event in self._events(up):
@@ -314,7 +284,7 @@ class LinkApp:
                 if isinstance(event, ev.TokenDelta):
                     parts.append(event.text)
                 elif isinstance(event, ev.Completed):
-                    return "".join(parts), to_engine_completed(event)
+                    return "".join(parts), event
         except LmlinkError as exc:
             self.stats.errors += 1
             raise ApiError(502, f"{up.server.label} failed after the answer started: {exc}; "
@@ -323,58 +293,39 @@ class LinkApp:
         raise ApiError(502, f"{up.server.label} ended the answer without completing it",
                        code="upstream_failed")
 
-    def _stream(self, up: _Upstream, call: CompletionCall, request_id: str,
-                created: int) -> Callable[[Send], Any]:
+    async def _chunks(self, up: _Upstream, call: CompletionCall, request_id: str,
+                      created: int) -> AsyncIterator[bytes]:
+        """SSE chunks of the upstream stream; a failure after the first token ends it in-band."""
         encoder = ChunkEncoder(call.kind, request_id, created, up.model, call.include_usage)
-
-        async def write(send: Send) -> None:
-            async def out(data: bytes) -> None:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-
-            opening = encoder.role()
-            if opening:
-                await out(opening)
-            try:
-                async for event in self._events(up):
-                    if isinstance(event, (ev.TokenDelta, ev.ToolCall)):
-                        chunk = encoder.event(from_client_event(event))
-                        if chunk:
-                            await out(chunk)
-                    elif isinstance(event, ev.Completed):
-                        done = to_engine_completed(event)
-                        chunk = encoder.finish(done.finish_reason)
-                        if call.include_usage:
-                            chunk += encoder.usage(done)
-                        await out(chunk + DONE)
-                        return
-            except LmlinkError as exc:
-                self.stats.errors += 1
-                error = ApiError(502, f"{up.server.label} failed after the answer started: {exc}; "
-                                 "the answer is incomplete and was not retried elsewhere "
-                                 "(that would duplicate output)", code="upstream_failed")
-                await out(error_event(error) + DONE)
-                return
-            error = ApiError(502, f"{up.server.label} ended the stream without completing it",
-                             code="upstream_failed")
-            await out(error_event(error) + DONE)
-
-        return write
+        opening = encoder.role()
+        if opening:
+            yield opening
+        try:
+            async for event in self._events(up):
+                if isinstance(event, (ev.TokenDelta, ev.ToolCall)):
+                    chunk = encoder.event(from_client_event(event))  # text (+ logprobs) or a call
+                    if chunk:
+                        yield chunk
+                elif isinstance(event, ev.Completed):
+                    chunk = encoder.finish(_finish(event))
+                    if call.include_usage:
+                        chunk += encoder.usage(event.usage)
+                    yield chunk + DONE
+                    return
+        except LmlinkError as exc:
+            self.stats.errors += 1
+            error = ApiError(502, f"{up.server.label} failed after the answer started: {exc}; "
+                             "the answer is incomplete and was not retried elsewhere "
+                             "(that would duplicate output)", code="upstream_failed")
+            yield error_event(error) + DONE
+            return
+        error = ApiError(502, f"{up.server.label} ended the stream without completing it",
+                         code="upstream_failed")
+        yield error_event(error) + DONE
 
 
-class _Sse:
-    """An SSE response driven by `write(send)`; a client disconnect cancels it (and upstream)."""
-
-    def __init__(self, write: Callable[[Send], Any], headers: dict[str, str]) -> None:
-        self._write = write
-        self._headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                         (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-        self._headers += [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-        with contextlib.suppress(_ClientGone):
-            await _unless_disconnected(receive, self._write(send))
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+def _finish(done: ev.Completed) -> str:
+    return done.finish_reason if done.finish_reason != "unspecified" else "stop"
 
 
 def _local_only(request: Request) -> None:
@@ -388,14 +339,3 @@ def _no_server(exc: NoServer) -> ApiError:
     if exc.status == 404:
         return ApiError(404, exc.message, code="model_not_found", param="model")
     return ApiError(503, exc.message, code="no_server_reachable", retry_after=2)
-
-
-def _api_error_response(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), exc.status, headers=exc.headers())
-
-
-def _http_error_response(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-    return JSONResponse(error.body(), exc.status_code)

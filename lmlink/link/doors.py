@@ -13,6 +13,7 @@ from lmlink.api.openai_schema import ApiError, CompletionCall
 from lmlink.client import events as ev
 from lmlink.client.errors import LmlinkError
 from lmlink.engine.types import (
+    Completed,
     Event,
     GenerationRequest,
     Started,
@@ -38,6 +39,14 @@ def from_client_event(event: Any) -> Event | None:
     return None
 
 
+def _completed(done: ev.Completed) -> Completed:
+    u, t = done.usage, done.timings
+    reason = done.finish_reason if done.finish_reason != "unspecified" else "stop"
+    return Completed(reason, u.prompt_tokens, u.completion_tokens, u.cached_tokens,  # type: ignore[arg-type]
+                     t.time_to_first_token_ms, t.total_ms, t.tokens_per_second,
+                     t.prompt_tokens_per_second, t.queued_ms)
+
+
 class _LinkCall:
     def __init__(self, app: Any, up: Any, request_id: str) -> None:
         self._app, self._up = app, up
@@ -45,14 +54,12 @@ class _LinkCall:
         self.request_id = request_id
 
     async def events(self) -> AsyncIterator[Any]:
-        from .app import to_engine_completed
-
         try:
             async for event in self._app._events(self._up):
                 if isinstance(event, ev.Started):
                     yield Started(event.model, event.prompt_tokens, event.cached_tokens)
                 elif isinstance(event, ev.Completed):
-                    yield to_engine_completed(event)
+                    yield _completed(event)
                     return
                 elif (agent := from_client_event(event)) is not None:
                     yield agent

@@ -187,7 +187,7 @@ class Router:
     async def _probe(self, server: Server, timeout: float) -> None:
         was_up = server.up
         try:
-            client = await self._client(server)
+            client = await self.client(server)
             start = time.perf_counter()
             info = await client.server_info(timeout=timeout)
             latency = (time.perf_counter() - start) * 1000
@@ -214,7 +214,8 @@ class Router:
             for callback in self.changed:
                 callback(self)
 
-    async def _client(self, server: Server) -> AsyncClient:
+    async def client(self, server: Server) -> AsyncClient:
+        """The (cached) gRPC client for `server`."""
         if server.client is None:
             from lmlink.client.security import channel_security
 
