@@ -286,3 +286,16 @@ def test_claude_code_shaped_request_streams(base):
         assert r.status_code == 200
         events = [line.split(": ", 1)[1] for line in r.iter_lines() if line.startswith("event: ")]
     assert events[0] == "message_start" and events[-1] == "message_stop" and "message_delta" in events
+
+
+def test_the_link_and_its_new_doors_import_no_engine():
+    """`lmlink link` runs on laptops: its doors must not pull in MLX, mlx-lm or the call core
+    (that also made the link slow to start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lmlink.link.app, lmlink.link.doors, lmlink.api.agent_doors; "
+            "print(sorted(m for m in ('mlx', 'mlx_lm', 'transformers', 'llguidance', "
+            "'lmlink.api.core', 'lmlink.engine.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

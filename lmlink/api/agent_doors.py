@@ -1,20 +1,14 @@
-"""The Responses and Anthropic doors on the server's HTTP bridge: routes, and the backend that
-sends their neutral requests through the call core (identify -> grants, quotas, fair admission,
-audit -> engine), so they obey exactly the rules every other door obeys."""
+"""The Responses and Anthropic doors' routes, for the server's bridge (backend:
+lmlink.api.core_backend) and `lmlink link` (backend: lmlink.link.doors).
+
+Nothing here may import the engine or MLX: the link runs on laptops without them."""
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
-
-from starlette.requests import Request
 from starlette.routing import Route
 
-from lmlink.engine.types import GenerationRequest
-
 from .anthropic_door import AnthropicDoor
-from .core import Core, Generation, owner_key
-from .door_common import DoorBackend, ResponseStore, with_api_key
-from .http_shell import peer_string
+from .door_common import DoorBackend, ResponseStore
 from .responses_door import ResponsesDoor
 
 # JSON-only POST paths (the browser guard refuses other media types on them).
@@ -29,44 +23,3 @@ def agent_routes(backend: DoorBackend, store: ResponseStore | None = None) -> li
         Route("/v1/messages", anthropic.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", anthropic.count_tokens, methods=["POST"]),
     ]
-
-
-class _CoreCall:
-    def __init__(self, gen: Generation, keepalive: float) -> None:
-        self._gen = gen
-        self._keepalive = keepalive
-        self.model = gen.model
-        self.request_id = gen.request_id
-
-    async def events(self) -> AsyncIterator[Any]:
-        """Engine events; None after `keepalive` seconds of silence (doors send a ping)."""
-        while not self._gen.finished:
-            events = await self._gen.next_step(self._keepalive)
-            if events is None:
-                yield None
-                continue
-            for event in events:
-                yield event
-
-    def close(self) -> None:
-        self._gen.close()
-
-
-class CoreBackend:
-    """DoorBackend over the call core; `via` names the door in the audit trail."""
-
-    def __init__(self, core: Core, keepalive_seconds: float = 10.0) -> None:
-        self._core = core
-        self._keepalive = keepalive_seconds
-
-    async def _caller(self, request: Request) -> Any:
-        request = with_api_key(request)
-        return await self._core.identify(peer_string(request.scope), request.headers.get("authorization"))
-
-    async def open(self, request: Request, model: str, gen: GenerationRequest) -> _CoreCall:
-        caller = await self._caller(request)
-        via = "anthropic" if request.url.path.startswith("/v1/messages") else "responses"
-        return _CoreCall(await self._core.open(caller, model, gen, via), self._keepalive)
-
-    async def caller_key(self, request: Request) -> str:
-        return owner_key((await self._caller(request)).identity)

@@ -32,8 +32,9 @@ from lmlink.engine.types import (
     ToolCallEvent,
 )
 
-from .agent_doors import AGENT_PATHS, CoreBackend, agent_routes
+from .agent_doors import AGENT_PATHS, agent_routes
 from .conversations import ConversationStore
+from .core_backend import CoreBackend
 from .core import Core, Generation
 from .errors import CallError, ErrorKind
 from .http_shell import (
