@@ -265,3 +265,19 @@ def test_a_tokenizer_llguidance_cannot_wrap_is_a_clear_refusal():
     for _ in range(2):  # remembered, and still a clear refusal
         with pytest.raises(InvalidRequest, match="not available for this model's tokenizer"):
             llg_tokenizer(tok)
+
+
+async def test_a_prebuilt_request_carries_the_clients_token(server):
+    """The link forwards whole requests with `stream_request`; it must send the same credentials
+    as `stream` (a bogus lmlink token is refused even from loopback, so it must be seen)."""
+    from lmlink.client import AsyncClient, Unauthenticated
+    from lmlink.v1 import inference_pb2 as pb
+
+    req = pb.GenerateRequest(prompt="Once", sampling=pb.SamplingParams(max_tokens=2))
+    async with AsyncClient(server.address, timeout=60, token="lmk_not_a_real_token") as client:
+        with pytest.raises(Unauthenticated):
+            async for _ in client.stream_request(req):
+                pass
+    async with AsyncClient(server.address, timeout=60) as client:
+        events = [e async for e in client.stream_request(req)]
+        assert events[-1].usage.completion_tokens == 2

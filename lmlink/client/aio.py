@@ -21,11 +21,10 @@ from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load
 class AsyncGenerationStream:
     """Async iterator over one generation's events; `cancel()` stops it server-side too."""
 
-    def __init__(self, call: Any, target: str, decode: Any = decode_event) -> None:
+    def __init__(self, call: Any, target: str) -> None:
         self._call = call
         self._target = target
         self._cancelled = False
-        self._decode = decode
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
@@ -33,7 +32,7 @@ class AsyncGenerationStream:
     async def _events(self) -> AsyncIterator[Event]:
         try:
             async for message in self._call:
-                yield self._decode(message)
+                yield decode_event(message)
         except asyncio.CancelledError:
             if self._cancelled:  # grpc.aio reports our own cancel() this way
                 return
@@ -98,13 +97,12 @@ class AsyncClient(BaseClient):
                                      self.target)
 
     def stream_request(
-        self, request: pb.GenerateRequest, *, decode: Any = decode_event,
-        timeout: float | None = None,
+        self, request: pb.GenerateRequest, *, timeout: float | None = None
     ) -> AsyncGenerationStream:
-        """Stream a prebuilt request (the link forwards whole requests); `decode` maps each
-        wire event (lmlink.api.agent_wire.event_from_wire gives engine events)."""
-        deadline = timeout if timeout is not None else self.timeout
-        return AsyncGenerationStream(self._stub.Generate(request, timeout=deadline), self.target, decode)
+        """Stream a prebuilt request (the link forwards whole requests, every field), with the
+        same deadline and credentials as `stream`."""
+        return AsyncGenerationStream(self._stub.Generate(request, **self._call(timeout)),
+                                     self.target)
 
     async def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         return await self.stream(messages=messages, **options).collect()
