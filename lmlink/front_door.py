@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from lmlink import defaults
 from lmlink.access.identity import Identity
 from lmlink.api.gate import LoopbackGate
 
@@ -31,8 +32,8 @@ class FrontDoorError(Exception):
 
 def default_state_dir() -> Path:
     """$LMLINK_STATE_DIR, else the platform's per-user state/app-support directory."""
-    if os.environ.get("LMLINK_STATE_DIR"):
-        return Path(os.environ["LMLINK_STATE_DIR"])
+    if os.environ.get(defaults.ENV_STATE_DIR):
+        return Path(os.environ[defaults.ENV_STATE_DIR])
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "lmlink"
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -91,7 +92,7 @@ def local_door(host: str) -> FrontDoor:
 
 async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
     """Set up TLS material, identities and the relay for `tailscaled` or `tsnet` mode."""
-    from lmlink.net.listeners import ListenError, tailscaled_bind_hosts
+    from lmlink.net.listeners import ListenError, tailnet_ips, tailscaled_bind_hosts
     from lmlink.net.localapi import LocalAPI, LocalAPIError
     from lmlink.net.relay import PeerIdentities, Relay
     from lmlink.net.tls import TLSMaterialError, server_credentials, server_tls
@@ -103,11 +104,25 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
     refresh: Callable[[Identity], Awaitable[Identity | None]]
     owner_login = ""
     try:
-        if mode == "tailscaled":
-            api = LocalAPI(settings.localapi_socket)
+        socket_path = settings.localapi_socket
+        if mode == "tsnet":  # a private tailscaled child when one can run (sees grants)
+            from lmlink.net.tsnet_child import ChildConfig, TailscaledChild, find_tailscaled
+
+            binaries = find_tailscaled()
+            if binaries is not None:
+                child = await TailscaledChild.start(ChildConfig(
+                    hostname=settings.tsnet_hostname, state_dir=settings.state_dir / "tsnet",
+                    auth_key_file=settings.tsnet_auth_key_file,
+                    auth_key=os.environ.get("TS_AUTHKEY") or None,
+                    control_url=settings.tsnet_control_url), binaries)
+                closers.append(child.aclose)
+                socket_path, mode = str(child.socket), "tsnet-child"
+        if mode in ("tailscaled", "tsnet-child"):
+            api = LocalAPI(socket_path)
             me = api.self_node()
-            hosts = tailscaled_bind_hosts(api)
-            tls = server_tls(settings.state_dir, [me.dns_name, *hosts], localapi=api)
+            hosts = tailscaled_bind_hosts(api)  # loopback under userspace-networking tailscaled
+            public = tailnet_ips(api)  # what clients dial (and the certificate names)
+            tls = server_tls(settings.state_dir, [me.dns_name, *public], localapi=api)
             resolve = api.awhois
             owner_login = "" if me.is_tagged else me.login_name
 
@@ -124,6 +139,7 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
             )
             node = await TsnetNode.start(config)
             hosts = await node.addresses()
+            public = list(hosts)
             tls = server_tls(settings.state_dir, [settings.tsnet_hostname, *hosts])
             resolve = node.whois
 
@@ -131,14 +147,17 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
                 return await node.whois(identity.addresses[0], 0)
         else:
             raise FrontDoorError(f"unknown listen mode {mode!r}")
-    except (LocalAPIError, ListenError, TLSMaterialError) as exc:
-        raise FrontDoorError(str(exc)) from None
     except Exception as exc:
         from lmlink.net.tsnet import TsnetUnavailable
+        from lmlink.net.tsnet_child import ChildUnavailable
 
-        if isinstance(exc, TsnetUnavailable):
+        for close in closers:
+            await close()
+        if isinstance(exc, (TsnetUnavailable, ChildUnavailable, LocalAPIError, ListenError,
+                            TLSMaterialError)):
             raise FrontDoorError(str(exc)) from None
         raise
+    mode = "tsnet" if mode == "tsnet-child" else mode
 
     tmp = tempfile.TemporaryDirectory(prefix="lmlink-tls-")
     os.chmod(tmp.name, 0o700)
@@ -163,7 +182,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
             raise FrontDoorError(str(exc)) from None
         except OSError as exc:
             raise FrontDoorError(f"cannot listen on port {public_port}: {exc.strerror}") from None
-        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in bound]
+        port = bound[0][1]  # shared by every bound host; the tailnet forwards to the same port
+        return [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in public]
 
     return FrontDoor(
         mode=mode,
@@ -172,7 +192,7 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
         grpc_credentials=server_credentials(tls, require_client_cert=settings.require_client_cert),
         http_tls_files=http_files,
         fingerprint=tls.fingerprint,
-        public_hosts=list(hosts),
+        public_hosts=list(public),
         refresh=refresh,
         owner_login=owner_login or "owner",
         _expose=expose,

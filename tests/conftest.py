@@ -19,12 +19,49 @@ from support.procs import die_with_parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Servers started by tests keep their state (CA, shares, audit log) in a throwaway dir and
-# clients their pins and config, never in the user's real ones.
+# clients their pins and config, never in the user's real ones: forced, not defaulted, so an
+# exported LMLINK_STATE_DIR / LMLINK_CONFIG_DIR (or LMLINK_SERVER) cannot leak test writes
+# into a real setup or point the tests at a real server.
 _SCRATCH = tempfile.mkdtemp(prefix="lmlink-tests-")
-os.environ.setdefault("LMLINK_STATE_DIR", os.path.join(_SCRATCH, "state"))
-os.environ.setdefault("LMLINK_CONFIG_DIR", os.path.join(_SCRATCH, "config"))
+os.environ["LMLINK_STATE_DIR"] = os.path.join(_SCRATCH, "state")
+os.environ["LMLINK_CONFIG_DIR"] = os.path.join(_SCRATCH, "config")
+os.environ.pop("LMLINK_SERVER", None)
+os.environ.pop("LMLINK_TOKEN", None)
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODEL = os.environ.get("LMLINK_TEST_MODEL", "builtin")
+
+# Test tiers (markers registered in pyproject.toml). Whole modules are placed here, in one
+# table, rather than by decorators scattered over the files; a test may add its own marks.
+# The fast tier: pytest -m "not netns and not cluster and not slow".
+TIERS: dict[str, tuple[str, ...]] = {
+    "test_discovery_netns.py": ("netns",),
+    # (these three use WireGuard tunnels and the LocalAPI stand-in, not a real tailnet)
+    "test_discovery_tailnet.py": ("netns",),
+    "test_net_netns.py": ("netns",),
+    "test_serve_tailnet.py": ("netns",),
+    "test_sharing_tailnet.py": ("netns",),
+    # real headscale + tailscaled (they also carry the real_tailnet mark themselves)
+    "test_real_tailnet.py": ("netns", "slow"),
+    "test_real_tailnet_tsnet.py": ("netns", "slow"),
+    "test_real_tailnet_userspace.py": ("netns", "slow"),
+    "test_cluster.py": ("cluster", "slow"),
+    # Several servers per test, restarts, or timing measurements (10-55 s each here).
+    "test_link.py": ("slow",),
+    "test_link_latency.py": ("slow",),
+    "test_sharing_restart.py": ("slow",),
+    "test_observe_server.py": ("slow",),
+    "test_builtin_model.py::test_build_script_is_deterministic": ("slow",),
+    # SmolLM2-135M through real servers (~2 min); llama.cpp comparisons (`make test-reference`).
+    "test_real_model.py": ("real_model", "slow"),
+    "test_gguf_reference.py": ("reference", "slow"),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        test = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        for name in (*TIERS.get(item.path.name, ()), *TIERS.get(test, ())):
+            item.add_marker(getattr(pytest.mark, name))
 
 
 @dataclass

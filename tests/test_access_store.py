@@ -17,7 +17,7 @@ from lmlink.access.quotas import UsageMeter, Window
 from lmlink.access.shares import ShareError, parse_duration
 from lmlink.access.state import AccessState, principal_of
 from lmlink.access.store import SCHEMA_VERSION, Store, StoreError
-from lmlink.api.admission import Slots as _Slots
+from lmlink.api.admission import Slots
 from lmlink.api.limits import Caller, Guard, Refusal
 from lmlink.engine.types import Completed, GenerationRequest, SamplingOptions, TokenDelta
 
@@ -173,7 +173,7 @@ def test_audit_file_heals_a_torn_line_and_never_duplicates(tmp_path):
 
 
 async def test_a_free_slot_goes_to_the_caller_holding_fewest():
-    slots = _Slots(capacity=2, max_waiting=100)
+    slots = Slots(capacity=2, max_waiting=100)
     order: list[str] = []
 
     async def take(who: str) -> None:
@@ -197,7 +197,7 @@ async def test_a_free_slot_goes_to_the_caller_holding_fewest():
 
 
 async def test_waiting_queue_is_bounded_but_keeps_a_place_for_an_idle_caller():
-    slots = _Slots(capacity=1, max_waiting=1)
+    slots = Slots(capacity=1, max_waiting=1)
     await slots.acquire("a", lambda f: None)
     waiter = asyncio.ensure_future(slots.acquire("a", lambda f: None))
     await asyncio.sleep(0)
@@ -321,11 +321,10 @@ def test_recovery_leaves_a_live_servers_requests_alone(tmp_path):
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path):
-    from lmlink.access.store import MIGRATIONS, _statements
+    from lmlink.access.store import MIGRATIONS
 
     db = sqlite3.connect(tmp_path / "state.db")
-    for statement in _statements(MIGRATIONS[0]):
-        db.execute(statement)
+    db.executescript(MIGRATIONS[0])  # a database as version 1 left it
     db.execute("INSERT INTO shares (principal, models, actions, created_at, created_by)"
                " VALUES ('a@x', '[\"m\"]', '[\"generate\"]', 1.0, 'owner')")
     db.execute("PRAGMA user_version=1")

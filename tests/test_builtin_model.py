@@ -1,4 +1,5 @@
-"""The shipped built-in model loads offline, chats in ChatML, and rebuilds byte-identically."""
+"""The shipped built-in model loads offline, chats in ChatML, and rebuilds byte-identically:
+a short build twice gives the same bytes, and the full build (slow) gives the shipped files."""
 
 from __future__ import annotations
 
@@ -113,15 +114,17 @@ def test_greedy_chat_output_is_varied_printable_text(loaded: tuple) -> None:
     assert sum(c.isalpha() or c == " " for c in text) / len(text) > 0.7
 
 
-def build(out: Path) -> subprocess.Popen:
-    args = [sys.executable, str(BUILD_SCRIPT), "--out", str(out), "--steps", "3", "--seed", "7",
-            "--corpus-limit-bytes", "150000"]
+def build(out: Path, *options: str) -> subprocess.Popen:
+    args = [sys.executable, str(BUILD_SCRIPT), "--out", str(out), *options]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+SHORT = ("--steps", "3", "--seed", "7", "--corpus-limit-bytes", "150000")
 
 
 def test_build_script_is_deterministic(tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
-    runs = [build(first), build(second)]
+    runs = [build(first, *SHORT), build(second, *SHORT)]
     for run in runs:
         output, _ = run.communicate(timeout=120)
         assert run.returncode == 0, output.decode(errors="replace")
@@ -130,3 +133,27 @@ def test_build_script_is_deterministic(tmp_path: Path) -> None:
     assert names == sorted(p.name for p in second.iterdir())
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(7200)
+def test_full_rebuild_equals_the_shipped_files(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The build script with its defaults remakes the shipped directory byte for byte (the
+    script's reproducibility claim: same versions, OpenBLAS preloaded, as `make test` runs).
+    Slow tier: 600 training steps, about 10 min on an idle 2-core EPYC VM, 45 min on a busy one;
+    run with `-m slow` or LMLINK_SLOW_TESTS=1.
+
+    Found 2026-12-02 (this test's first run, OPENBLAS_NUM_THREADS=1 as /work/bin/lt and the
+    engine use): every file but model.safetensors is identical, final loss too (4.145), but the
+    weights differ; the shipped ones were built with 2 BLAS threads. Until the build pins its BLAS
+    thread count or the weights are rebuilt under it, this test fails, as it should."""
+    if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get(
+            "LMLINK_SLOW_TESTS"):
+        pytest.skip("slow tier: run with -m slow or LMLINK_SLOW_TESTS=1")
+    run = build(tmp_path / "rebuilt")
+    output, _ = run.communicate(timeout=7000)
+    assert run.returncode == 0, output.decode(errors="replace")[-3000:]
+    names = sorted(p.name for p in (tmp_path / "rebuilt").iterdir())
+    assert names == sorted(p.name for p in MODEL_DIR.iterdir())
+    differ = [n for n in names if (tmp_path / "rebuilt" / n).read_bytes() != (MODEL_DIR / n).read_bytes()]
+    assert differ == [], f"rebuilt files differ from the shipped ones: {differ}"

@@ -103,18 +103,10 @@ def test_models_and_status(server):
     assert "cluster" not in human.stdout
 
 
-@pytest.mark.parametrize(
-    "args, words",
-    [
-        (["--max-tokens", "-4", "hi"], "max_tokens"),
-        (["--model", "ghost", "hi"], "ghost"),
-        (["--temperature", "nan", "hi"], "finite"),
-    ],
-)
-def test_chat_bad_input_is_one_line(server, args, words):
-    result = lmlink("chat", "--server", server.address, *args)
+def test_chat_unknown_model_is_one_line(server):
+    result = lmlink("chat", "--server", server.address, "--model", "ghost", "hi")
     assert_one_line_error(result)
-    assert words in result.stderr
+    assert "ghost" in result.stderr
 
 
 def test_unreachable_server_is_one_line():
@@ -168,5 +160,36 @@ def test_enroll_issues_private_client_cert(tmp_path):
 
 def test_enroll_rejects_bad_device_name(tmp_path):
     result = lmlink("enroll", "../evil", "--state-dir", str(tmp_path), "--out", str(tmp_path))
-    assert_one_line_error(result)
+    assert_one_line_error(result, 2)
     assert not list(tmp_path.glob("*.key"))
+
+
+def test_cluster_ranks_get_the_same_serve_options():
+    """`cluster up` hands rank 0 its ServeOptions (no CLI in the rank): nothing is lost."""
+    import argparse
+
+    from lmlink.cluster.rank import decode_serve_options, encode_serve_options
+    from lmlink.server import ServeOptions
+
+    args = argparse.Namespace(model="builtin", listen="local", grpc_port=0, http_port=None,
+                              state_dir="/tmp/somewhere", max_batch=3, max_queue=7,
+                              default_max_tokens=9, name="studio", no_mdns=True)
+    options = ServeOptions.from_args(args)
+    assert options.http_port == 0 and options.engine.max_batch_size == 3 and not options.mdns
+    assert decode_serve_options(encode_serve_options(options)[0]) == options
+
+
+def test_tests_never_use_real_state_or_config_dirs():
+    """conftest forces scratch dirs even when the developer exported real ones."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, conftest; print(os.environ['LMLINK_STATE_DIR']); "
+             "print(os.environ['LMLINK_CONFIG_DIR']); print(os.environ.get('LMLINK_SERVER'))")
+    env = {**os.environ, "LMLINK_STATE_DIR": "/real/state", "LMLINK_CONFIG_DIR": "/real/config",
+           "LMLINK_SERVER": "studio:47470", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(__file__), timeout=60, check=True).stdout
+    state, config, server = out.split()
+    assert "lmlink-tests-" in state and "lmlink-tests-" in config and server == "None"

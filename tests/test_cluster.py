@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from support.procs import die_with_parent
+from support.procs import die_with_parent, pid_alive
 
 from conftest import REPO, lmlink_cmd
-from lmlink.client import AsyncClient, Client, Unavailable
-from lmlink.cluster.launch import _alive, descendants
+from lmlink.client import AsyncClient, Client, TokenDelta, Unavailable
+from lmlink.cluster.control import HEARTBEAT_INTERVAL
+from lmlink.cluster.launch import descendants
 from lmlink.cluster.spec import ClusterFileError, load_cluster, parse_cluster
 from lmlink.engine.lockstep import Admit, Remove, StepCommands
 from lmlink.engine.types import GenerationRequest, SamplingOptions
@@ -93,29 +94,42 @@ def down(c: Cluster) -> None:
 
 def assert_gone(pids: set[int], within: float = 5.0) -> None:
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if pid_alive(p)]
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
 
 
-@pytest.fixture(scope="module")
-def reference(loaded_model):
-    """Single-process greedy token ids for PROMPTS (the in-process engine)."""
+SEEDED = {"temperature": 0.8, "seed": 7}
+
+
+def _single_process(loaded_model, prompts: list[str], **sampling) -> list[list[int]]:
     from lmlink.engine.engine import Engine
 
     eng = Engine(loaded_model)
     eng.start()
     out = []
-    for p in PROMPTS:
+    for p in prompts:
         sink = CollectingSink()
         eng.submit(GenerationRequest("", prompt=p, sampling=SamplingOptions(
-            max_tokens=MAX_TOKENS, ignore_eos=True)), sink)
+            max_tokens=MAX_TOKENS, ignore_eos=True, **sampling)), sink)
         out.append(token_ids(sink.wait()))
     eng.stop()
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(loaded_model):
+    """Single-process greedy token ids for PROMPTS (the in-process engine)."""
+    return _single_process(loaded_model, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def seeded_reference(loaded_model):
+    """Single-process token ids for PROMPTS[2] sampled with SEEDED."""
+    return _single_process(loaded_model, PROMPTS[2:3], **SEEDED)[0]
 
 
 async def _concurrent(address: str) -> list[list[int]]:
@@ -125,7 +139,7 @@ async def _concurrent(address: str) -> list[list[int]]:
     return [g.token_ids for g in got]
 
 
-def _check_cluster(name: str, reference: list[list[int]]) -> None:
+def _check_cluster(name: str, reference: list[list[int]], seeded_reference: list[int]) -> None:
     c = up(name)
     try:
         with Client(c.address, timeout=60) as client:
@@ -137,9 +151,9 @@ def _check_cluster(name: str, reference: list[list[int]]) -> None:
                                   stop=[client.complete(PROMPTS[1], max_tokens=8,
                                                         ignore_eos=True).text[-3:]])
             assert cut.finish_reason == "stop"
-            seeded = client.complete(PROMPTS[2], max_tokens=8, temperature=0.8, seed=7,
-                                     ignore_eos=True)
-            assert len(seeded.token_ids) == 8
+            # every rank samples alike, with the request's own key: the single process's tokens
+            seeded = client.complete(PROMPTS[2], max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED)
+            assert seeded.token_ids == seeded_reference != reference[2]
         assert asyncio.run(_concurrent(c.address)) == reference
         # and once more, after the prompt cache saw these prompts (hits on every rank)
         assert asyncio.run(_concurrent(c.address)) == reference
@@ -149,9 +163,19 @@ def _check_cluster(name: str, reference: list[list[int]]) -> None:
 
 
 def _check_status(address: str, sharding: str) -> None:
-    """`lmlink status --json` on rank 0 lists every rank from its heartbeats."""
-    r = subprocess.run(lmlink_cmd("status", "--server", address, "--json"),
-                       capture_output=True, text=True, timeout=60)
+    """`lmlink status --json` on rank 0 lists every rank from its heartbeats; while a stream
+    decodes, every rank reports a token rate."""
+    with Client(address, timeout=60) as client:
+        stream = client.stream(prompt="Once upon a time", max_tokens=1500, ignore_eos=True)
+        it = iter(stream)
+        while not isinstance(next(it), TokenDelta):
+            pass
+        time.sleep(4 * HEARTBEAT_INTERVAL)  # a few heartbeats while decoding
+        try:
+            r = subprocess.run(lmlink_cmd("status", "--server", address, "--json"),
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            stream.cancel()
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert st["cluster_backend"] == "mpi" and st["cluster_sharding"] == sharding
@@ -159,7 +183,7 @@ def _check_status(address: str, sharding: str) -> None:
     for x in st["ranks"]:
         assert x["host"] == "local" and x["address"] == "127.0.0.1"
         assert x["state"] == "ready" and x["memory_bytes"] > 0 and x["model_bytes"] > 0
-        assert x["tokens_per_second"] >= 0
+        assert x["tokens_per_second"] > 1, x  # the ranks decode together
     assert st["ranks"][1]["seconds_since_heartbeat"] < 5
     human = subprocess.run(lmlink_cmd("status", "--server", address),
                            capture_output=True, text=True, timeout=60)
@@ -168,12 +192,12 @@ def _check_status(address: str, sharding: str) -> None:
     assert "rank 1   local (127.0.0.1): ready" in human.stdout
 
 
-def test_pipeline_2_ranks_match_single_process(reference):
-    _check_cluster("local-2-mpi.toml", reference)
+def test_pipeline_2_ranks_match_single_process(reference, seeded_reference):
+    _check_cluster("local-2-mpi.toml", reference, seeded_reference)
 
 
-def test_tensor_2_ranks_match_single_process(reference):
-    _check_cluster("local-2-mpi-tensor.toml", reference)
+def test_tensor_2_ranks_match_single_process(reference, seeded_reference):
+    _check_cluster("local-2-mpi-tensor.toml", reference, seeded_reference)
 
 
 def test_tensor_4_ranks_match_single_process(reference):

@@ -34,7 +34,7 @@ import pytest
 
 from support.localapi_standin import LocalAPIStandin, Node, Tailnet
 from support.netns import namespaces_left, require_root, run, wireguard_pair
-from test_net_netns import read_json_line, stop
+from support.procs import read_json_line, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"
@@ -199,6 +199,11 @@ def test_mdns_discovery_between_namespaces(tmp_path):
             assert streamed["completion_tokens"] == 16 and streamed["deltas"] >= 2
             assert streamed["finish_reason"] == "length" and streamed["fingerprint"] == fp
 
+            # a client that starts browsing now gets an answer to its first query at once (after
+            # a pause: the responder answers one question at most once a second, RFC 6762)
+            time.sleep(1.2)
+            fresh = agent.ask({"cmd": "first_answer", "name": "lmlink-studio"}, "first_answer", 15)
+
             # --- forged answers, a local-mode ad, and a second server that comes and goes
             spoof = subprocess.Popen(
                 pair.cmd(pair.ns_server, sys.executable, str(SUPPORT / "mdns_spoof.py"), json.dumps([
@@ -220,7 +225,7 @@ def test_mdns_discovery_between_namespaces(tmp_path):
             assert b.returncode == 0, errs["b"][-2000:]
             removed = agent.browse("removed", "lmlink-b", 5)
             goodbye_after = removed["at"] - t_stop  # records live 75 min; a goodbye ends them at once
-            assert goodbye_after < 3.0
+            assert goodbye_after < 0.5  # README: within 0.05 s
 
             # --- direct-only: the relayed peer is refused; the forgeries are rejected ------
             second = agent.ask({"cmd": "discover", "timeout": 2.0, "direct_only": True},
@@ -262,7 +267,12 @@ def test_mdns_discovery_between_namespaces(tmp_path):
                "serve_start_to_ready_line_s": round(t_ready - t_start, 2),
                "ready_line_to_seen_s": round(added["at"] - t_ready, 2),
                "register_to_announced_s": float(probing.group(1)),
-               "stop_to_goodbye_seen_s": round(goodbye_after, 2), "test_s": round(elapsed, 1)}
+               "stop_to_goodbye_seen_s": round(goodbye_after, 2),
+               "first_query_answer_s": fresh["seconds"], "test_s": round(elapsed, 1)}
     print("discovery timings:", json.dumps(timings))
-    assert seen_after_start < 15, timings
+    # README "How fast": seen ~1.2 s after the ready line (probing), first query answered in
+    # 0.1-0.2 s. From process start it also counts the model load, which load on the machine
+    # stretches (measured 2.2-18 s), so that is not held here.
+    assert timings["ready_line_to_seen_s"] < 2.5, timings
+    assert timings["first_query_answer_s"] < 0.5, timings
     assert elapsed < 90, timings

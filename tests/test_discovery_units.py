@@ -71,11 +71,11 @@ def test_interfaces_per_mode(monkeypatch):
     import ifaddr
 
     monkeypatch.setattr(ifaddr, "get_adapters", lambda: adapters)
-    monkeypatch.setattr(mdns, "_iface_flags", lambda name: None)
+    monkeypatch.setattr(mdns, "iface_flags", lambda name: None)
     assert mdns.advertise_interfaces("tailscaled") == ["192.168.1.20", "169.254.3.4"]
     assert mdns.browse_interfaces() == ["127.0.0.1", "192.168.1.20", "169.254.3.4"]
     # a point-to-point or non-multicast interface is no LAN
-    monkeypatch.setattr(mdns, "_iface_flags", lambda name: 0x1011 if name == "en0" else 0x1003)
+    monkeypatch.setattr(mdns, "iface_flags", lambda name: 0x1011 if name == "en0" else 0x1003)
     assert mdns.advertise_interfaces("tsnet") == ["169.254.3.4"]
 
 
@@ -167,7 +167,7 @@ def test_settings(tmp_path, monkeypatch):
 
 
 def test_merge_folds_a_slow_tailnet_check_into_the_confirmed_mdns_answer():
-    from lmlink.client.discovery import Endpoint, _merge
+    from lmlink.client.discovery import Endpoint, merge_endpoints
 
     lan = Endpoint("100.87.0.1:47470", "mdns", origins=("mdns",), name="studio",
                    fingerprint="sha256:aa", status="ok")
@@ -175,8 +175,8 @@ def test_merge_folds_a_slow_tailnet_check_into_the_confirmed_mdns_answer():
                     status="unreachable")
     other_cert = Endpoint("100.87.0.1:47470", "tailnet", origins=("tailnet",),
                           fingerprint="sha256:bb", status="ok")
-    merged = _merge([lan, slow])
+    merged = merge_endpoints([lan, slow])
     assert len(merged) == 1 and merged[0].origins == ("mdns", "tailnet")
     assert merged[0].peer == "studio.ts.net"
     # a confirmed server with another certificate at that address is a conflict: keep both
-    assert len(_merge([lan, other_cert])) == 2
+    assert len(merge_endpoints([lan, other_cert])) == 2

@@ -24,6 +24,7 @@ from lmlink.client import (
     Unavailable,
 )
 from lmlink.engine.types import ChatTurn, GenerationRequest, SamplingOptions
+from support.checks import wait_idle
 from support.collect import CollectingSink, token_ids
 
 QUESTION = [{"role": "user", "content": "Tell me about the river."}]
@@ -99,10 +100,7 @@ def test_client_cancel_frees_the_slot(client):
             got += 1
             if got >= 3:
                 stream.cancel()
-    deadline = time.monotonic() + 5
-    while client.server_info().active_streams and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert client.server_info().active_streams == 0, "cancelled stream still holds a slot"
+    assert wait_idle(client) == 0, "cancelled stream still holds a slot"
     after = _decode_rate(client)
     assert after > 0.5 * baseline, f"decode after cancel {after:.0f} tok/s vs {baseline:.0f} before"
 

@@ -28,13 +28,10 @@ import pytest
 from lmlink.access.identity import Identity, loopback_owner
 from lmlink.api.conversations import ConversationStore
 from lmlink.api.gate import LoopbackGate, Verdict
-from lmlink.api.core import Core, ServerFacts
 from lmlink.api.http_bridge import BridgeOptions, HttpBridge
-from lmlink.api.http_shell import HttpListener, bind_socket
-from lmlink.api.limits import Guard
-from lmlink.api.models import ModelManager
-from lmlink.api.streams import StreamHub
 from lmlink.client import Client
+from support.checks import wait_idle
+from support.inprocess import http_bridge
 from lmlink.engine.types import ChatTurn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,13 +48,6 @@ def oai(server) -> openai.OpenAI:
 def grpc_client(server):
     with Client(server.address, timeout=60) as c:
         yield c
-
-
-def wait_idle(client: Client, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while client.server_info().active_streams and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return client.server_info().active_streams
 
 
 def assert_openai_error(response: httpx.Response, status: int, words: str = "") -> dict[str, Any]:
@@ -485,19 +475,9 @@ async def bridge(
     engine, gate: Any = None, ready: bool = True, bearer: Any = None, **options: Any
 ) -> AsyncIterator[tuple[str, HttpBridge]]:
     """The bridge over the in-process engine on a real uvicorn listener; yields (url, bridge)."""
-    models = ModelManager(StreamHub(asyncio.get_running_loop()))
-    if ready:
-        models.add(engine)
-    else:
-        models.registry.add(engine)  # known, but the server has not said it is ready
-    core = Core(models, Guard(gate or LoopbackGate(), None, bearer=bearer), ServerFacts("t", "local"))
-    http_bridge = HttpBridge(core, BridgeOptions(**options))
-    listener = HttpListener(http_bridge.app(), bind_socket("127.0.0.1", 0))
-    await listener.start()
-    try:
-        yield f"http://{listener.address}", http_bridge
-    finally:
-        await listener.stop()
+    async with http_bridge(engine, gate or LoopbackGate(), ready, bearer=bearer,
+                           options=BridgeOptions(**options)) as pair:
+        yield pair
 
 
 async def test_identity_from_the_real_peer_never_forwarded_headers(engine):

@@ -2,7 +2,8 @@
 `openai` package: listing, streaming from each, preferences, failover before the first token,
 503 when everything is down and recovery; plus remote model management over gRPC.
 
-The tests in this module run in order and share the servers (they kill and restart them).
+The tests in this module share the servers (some kill and restart them); each first puts the
+rig in the state it needs (`Rig.ready`), so every test also passes when run alone.
 """
 
 from __future__ import annotations
@@ -24,36 +25,23 @@ import pytest
 
 from support.procs import die_with_parent
 
-from lmlink.client import Client, Completed, LoadProgress, ModelInfo, ResourceExhausted
+from lmlink.client import (Client, Completed, LoadProgress, ModelInfo, NotFound,
+                           ResourceExhausted, TokenDelta)
+from lmlink.engine.types import ModelNotFound
 from lmlink.engine.loader import BUILTIN_MODEL_DIR
 from lmlink.link.router import NoServer, Router, Server
 from lmlink.v1 import inference_pb2 as pb
 from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
 from conftest import ServerProcess, lmlink_cmd, start_server, stop_server
+from support.link import ASK, start_link
 
-ASK = [{"role": "user", "content": "Tell me about the river."}]
 
 
 def model_dir(root: Path, name: str) -> Path:
     d = root / name
     shutil.copytree(BUILTIN_MODEL_DIR, d)
     return d
-
-
-def start_link(*servers: str, refresh: float = 30.0) -> tuple[subprocess.Popen, str]:
-    args = ["link", "--port", "0", "--no-discovery", "--json", "--refresh", str(refresh)]
-    for s in servers:
-        args += ["--server", s]
-    env = {k: v for k, v in os.environ.items() if k != "LMLINK_SERVER"}
-    proc = subprocess.Popen(lmlink_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env,
-                            preexec_fn=die_with_parent)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"lmlink link exited: {proc.stderr.read() if proc.stderr else ''}")
-    return proc, json.loads(line)["url"]
 
 
 class Rig:
@@ -74,6 +62,25 @@ class Rig:
         old = getattr(self, which)
         port = old.address.rpartition(":")[2]
         setattr(self, which, self._serve(which, self.alpha if which == "a" else self.beta, port))
+
+    def ready(self, *, alpha_on_b: bool) -> None:
+        """Put the rig in the state a test starts from, whatever earlier tests did to it: both
+        servers up, alpha loaded on srv-b or not, and the link having seen it (each test must
+        pass when run alone)."""
+        for which in ("a", "b"):
+            if not getattr(self, which).alive():
+                self.restart(which)
+        with Client(self.b.address, timeout=60) as c:
+            loaded = {m.id for m in c.list_models() if m.state == "loaded"}
+            if alpha_on_b and "alpha" not in loaded:
+                assert isinstance(list(c.load_model(str(self.alpha)))[-1], ModelInfo)
+            if not alpha_on_b and "alpha" in loaded:
+                c.unload_model("alpha", drain_timeout=5)
+        want = {"alpha", "beta"} | ({"alpha@srv-b"} if alpha_on_b else set())
+        deadline = time.monotonic() + 10
+        while not want <= (ids := {m.id for m in self.oai.models.list().data}):
+            assert time.monotonic() < deadline, f"the link never listed {want - ids}"
+            time.sleep(0.3)
 
     def close(self) -> None:
         for p in (self.link, self.a.process, self.b.process):
@@ -137,6 +144,7 @@ def test_link_prefer_command_stores_the_preference(tmp_path):
 
 
 def test_lists_every_model_on_every_server(rig):
+    rig.ready(alpha_on_b=False)
     ids = {m.id for m in rig.oai.models.list().data}
     assert {"alpha", "beta", "alpha@srv-a", "beta@srv-b"} <= ids
     cards = {m.id: m for m in rig.oai.models.list().data}
@@ -145,6 +153,7 @@ def test_lists_every_model_on_every_server(rig):
 
 @pytest.mark.parametrize("model,which", [("alpha", "a"), ("beta", "b")])
 def test_streams_from_each_server_end_to_end(rig, model, which):
+    rig.ready(alpha_on_b=False)
     server = getattr(rig, which)
     with Client(server.address, timeout=60) as c:
         direct = c.chat(ASK, model=model, max_tokens=16)
@@ -165,41 +174,56 @@ def test_unknown_model_is_an_openai_404(rig):
     assert "not loaded on any reachable server" in err.value.message
 
 
+def first_token(stream) -> tuple[list[object], threading.Thread]:
+    """Read `stream` until its first token (so it is decoding on the server), then keep reading
+    it in a thread; the returned list fills with every event."""
+    seen: list[object] = []
+    it = iter(stream)
+    while not isinstance(event := next(it), TokenDelta):
+        seen.append(event)
+    seen.append(event)
+    t = threading.Thread(target=lambda: seen.extend(it))
+    t.start()
+    return seen, t
+
+
 def test_load_and_unload_over_grpc(rig, tmp_path):
+    rig.ready(alpha_on_b=False)
     with Client(rig.b.address, timeout=60) as c:
         events = list(c.load_model(str(rig.alpha)))
         progress = [e for e in events if isinstance(e, LoadProgress)]
-        assert [p.stage for p in progress][:2] == ["resolving", "resolving"] or progress
-        assert {"checking_memory", "loading", "starting", "ready"} <= {p.stage for p in progress}
+        stages = [p.stage for i, p in enumerate(progress) if i == 0 or p.stage != progress[i - 1].stage]
+        assert stages == ["resolving", "checking_memory", "loading", "starting", "ready"]
+        assert [p.fraction for p in progress] == sorted(p.fraction for p in progress)
         assert isinstance(events[-1], ModelInfo) and events[-1].state == "loaded"
         states = {m.id: m for m in c.list_models()}
         assert states["alpha"].state == "loaded" and states["beta"].state == "loaded"
         assert states["alpha"].memory_bytes > 0
         assert states["lmlink-tiny"].state == "available"
 
-        # Unloading while a stream runs: wait (drain) for a short one ...
-        done: list[object] = []
-        t = threading.Thread(target=lambda: done.append(
-            c.chat(ASK, model="alpha", max_tokens=40, ignore_eos=True)))
-        t.start()
-        time.sleep(0.15)
+        # Unloading while a stream runs: wait (drain) for it to finish ...
+        # (400 tokens take 1-3 s here, so it is still decoding when the unload arrives)
+        seen, t = first_token(c.stream(messages=ASK, model="alpha", max_tokens=400,
+                                       ignore_eos=True))
         result = c.unload_model("alpha", drain_timeout=30)
         t.join(30)
-        assert result.cancelled_streams == 0 and done[0].finish_reason == "length"
+        assert not t.is_alive()
+        assert (result.drained_streams, result.cancelled_streams) == (1, 0)
+        assert isinstance(seen[-1], Completed) and seen[-1].finish_reason == "length"
+        assert seen[-1].usage.completion_tokens == 400  # drained in full, not cut
         assert {m.id: m.state for m in c.list_models()}["alpha"] == "available"
 
         # ... or cancel a long one; it ends with finish_reason "cancelled", no error.
         assert isinstance(list(c.load_model("alpha"))[-1], ModelInfo)  # by id, now "available"
-        stream = c.stream(messages=ASK, model="alpha", max_tokens=2000, ignore_eos=True)
-        events_seen: list[object] = []
-        t = threading.Thread(target=lambda: events_seen.extend(stream))
-        t.start()
-        time.sleep(0.3)
+        events_seen, t = first_token(c.stream(messages=ASK, model="alpha", max_tokens=2000,
+                                              ignore_eos=True))
         result = c.unload_model("alpha", drain_timeout=0.2)
         t.join(10)
-        assert result.cancelled_streams == 1
-        assert isinstance(events_seen[-1], Completed) and events_seen[-1].finish_reason == "cancelled"
-        with pytest.raises(Exception, match="not loaded"):
+        assert (result.drained_streams, result.cancelled_streams) == (0, 1)
+        done = events_seen[-1]
+        assert isinstance(done, Completed) and done.finish_reason == "cancelled"
+        assert 0 < done.usage.completion_tokens < 2000
+        with pytest.raises(NotFound, match="not loaded"):
             c.chat(ASK, model="alpha", max_tokens=2)
 
         # A model that would not fit is refused before anything is read.
@@ -214,6 +238,7 @@ def test_load_and_unload_over_grpc(rig, tmp_path):
 
 
 def test_a_non_owner_may_not_load_or_unload(rig):
+    rig.ready(alpha_on_b=True)
     out = subprocess.run(lmlink_cmd("token", "create", "--name", "bob", "--as", "bob@example.com",
                                     "--state-dir", str(rig.tmp / "state-b")),
                          capture_output=True, text=True, timeout=30)
@@ -235,14 +260,8 @@ def test_a_non_owner_may_not_load_or_unload(rig):
 
 
 def test_follows_a_preference(rig):
+    rig.ready(alpha_on_b=True)
     env = dict(os.environ)
-    ids = {m.id for m in rig.oai.models.list().data}
-    for _ in range(50):  # the link sees alpha on srv-b once it probes again
-        if "alpha@srv-b" in ids:
-            break
-        httpx.get(rig.url + "/models", timeout=10)
-        time.sleep(0.1)
-        ids = {m.id for m in rig.oai.models.list().data}
     for target in ("srv-b", "srv-a", "srv-b"):
         subprocess.run(lmlink_cmd("link", "prefer", "alpha", target), env=env, check=True,
                        capture_output=True, timeout=30)
@@ -251,6 +270,7 @@ def test_follows_a_preference(rig):
 
 
 def test_fails_over_before_the_first_token_when_a_server_is_killed(rig):
+    rig.ready(alpha_on_b=True)
     subprocess.run(lmlink_cmd("link", "prefer", "alpha", "srv-a"), check=True,
                    capture_output=True, timeout=30)
     before = link_status(rig)["failovers"]
@@ -269,8 +289,10 @@ def test_fails_over_before_the_first_token_when_a_server_is_killed(rig):
 
 
 def test_503_when_every_server_is_down_then_recovers(rig):
-    os.killpg(rig.b.process.pid, signal.SIGKILL)
-    rig.b.process.wait(10)
+    rig.ready(alpha_on_b=True)
+    for srv in (rig.a, rig.b):
+        os.killpg(srv.process.pid, signal.SIGKILL)
+        srv.process.wait(10)
     with pytest.raises(openai.APIStatusError) as err:
         rig.oai.chat.completions.create(model="alpha", messages=ASK, max_tokens=4)
     assert err.value.status_code == 503
@@ -320,7 +342,7 @@ def test_idle_ttl_unloads_only_idle_models():
     assert reg.idle_expired(now + 1) == []
     assert reg.idle_expired(now + 6) == ["idle"]  # a model with a stream is never idle
     entry = reg.begin_unload("idle")
-    with pytest.raises(Exception, match="being unloaded"):
+    with pytest.raises(ModelNotFound, match="being unloaded"):
         reg.resolve("idle")
     assert reg.finish_unload(entry) == 64 and idle.stopped
     assert {e.id: e.state for e in reg.entries()} == {"idle": "available", "busy": "loaded"}

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from conftest import start_server, stop_server
-from test_link import ASK, start_link
+from support.link import ASK, start_link
 
 ROUNDS = 12
 TOKENS = 64

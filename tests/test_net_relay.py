@@ -1,4 +1,5 @@
-"""The relay in front of a real grpc aio server on loopback: refusal, identity carry-over, tsnet path."""
+"""The relay in front of lmlink's real gRPC service on loopback (the in-process engine behind
+it): refusal, identity carry-over to the servicer's policy checks, the tsnet path."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from lmlink.net.listeners import ListenError, wildcard_listeners
 from lmlink.net.pinning import pinned_credentials
 from lmlink.net.relay import PeerIdentities, Relay
 from lmlink.net.tls import server_credentials, server_tls
-from support.probe_service import Probe, call
+from lmlink.access.gate import PolicyGate
+from support.inprocess import GrpcService, generate, model_ids, whoami
 
+MODEL = "lmlink-tiny"  # the built-in model the in-process engine serves
 MATE = Identity(login_name="mate@example.com", source="tailnet", node_name="mate.ts.net",
-                capabilities={CAPABILITY: [{"models": ["tiny"]}]})
+                capabilities={CAPABILITY: [{"models": [MODEL]}]})
+BOB = Identity(login_name="bob@example.com", source="tailnet", node_name="bob.ts.net",
+               capabilities={CAPABILITY: [{"models": ["qwen-*"]}]})
 
 
 def test_peer_string_parsing():
@@ -52,8 +57,8 @@ async def test_same_port_from_other_loopback_address_is_not_the_caller(backend):
     [(_, port)] = await relay.listen(["127.0.0.1"], 0)
     try:
         async with backend.channel(port) as ch:
-            me = await call(ch, "WhoAmI")
-            relayed_port = int(me["peer"].rsplit(":", 1)[1])
+            assert (await whoami(ch)).login_name == "mate@example.com"
+            relayed_port = int(backend.service.peers[-1].rsplit(":", 1)[1])
             creds, opts = pinned_credentials(backend.tls.cert_chain_pem)
             spoof = socket.socket()
             spoof.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -64,17 +69,17 @@ async def test_same_port_from_other_loopback_address_is_not_the_caller(backend):
                 lambda r, w: _splice(r, w, spoof), "127.0.0.1", 0)
             fport = fwd.sockets[0].getsockname()[1]
             async with grpc.aio.secure_channel(f"127.0.0.1:{fport}", creds, options=opts) as bad:
-                code = await _code(bad, "WhoAmI")
+                code = await _code(bad)
             fwd.close()
             assert code == grpc.StatusCode.UNAUTHENTICATED
-            assert f"ipv4:127.0.0.2:{relayed_port}" in backend.probe.peers
+            assert f"ipv4:127.0.0.2:{relayed_port}" in backend.service.peers
     finally:
         await relay.aclose()
 
 
-async def _code(ch, method):
+async def _code(ch):
     try:
-        await call(ch, method)
+        await whoami(ch)
     except grpc.aio.AioRpcError as e:
         return e.code()
     return grpc.StatusCode.OK
@@ -105,71 +110,76 @@ def test_relay_target_must_be_loopback():
 
 
 class Backend:
-    """A real TLS grpc aio server on a loopback port: the relay's private target."""
+    """lmlink's real TLS gRPC service on a loopback port: the relay's private target. Its gate
+    knows callers only through the relay's PeerIdentities, as in `lmlink serve`."""
 
-    def __init__(self, tmp_path, identities: PeerIdentities) -> None:
+    def __init__(self, tmp_path, engine) -> None:
         self.tls = server_tls(tmp_path / "state", ["127.0.0.1", "studio.ts.net"])
-        self.probe = Probe(identities.lookup)
-        self.server = grpc.aio.server()
-        self.probe.add_to(self.server)
-        self.port = self.server.add_secure_port("127.0.0.1:0", server_credentials(self.tls))
+        self.identities = PeerIdentities()
+        self.service = GrpcService(engine, PolicyGate(self.identities.lookup),
+                                   server_credentials(self.tls))
+        self.port = self.service.port
 
     def channel(self, port: int) -> grpc.aio.Channel:
         creds, opts = pinned_credentials(self.tls.cert_chain_pem)
         return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=opts)
 
 
-async def denied(ch, method: str, body: dict) -> tuple[grpc.StatusCode, str]:
-    """Call expecting failure; returns (code, the part of details naming the model).
+async def denied(ch, model: str) -> tuple[grpc.StatusCode, str]:
+    """Generate expecting failure; returns (code, the model if the details name it).
 
     try/except rather than pytest.raises: a kept traceback would keep the failed call, and
     with it grpc's client transport, alive after the channel closes.
     """
     try:
-        await call(ch, method, body)
+        await generate(ch, model)
     except grpc.aio.AioRpcError as e:
-        return e.code(), body["model"] if body["model"] in (e.details() or "") else e.details()
+        return e.code(), model if model in (e.details() or "") else e.details()
     raise AssertionError("call unexpectedly succeeded")
 
 
 @pytest.fixture
-async def backend(tmp_path):
-    ids = PeerIdentities()
-    b = Backend(tmp_path, ids)
-    b.identities = ids
-    await b.server.start()
-    yield b
-    await b.server.stop(None)
+async def backend(tmp_path, engine):
+    b = Backend(tmp_path, engine)
+    async with b.service:
+        yield b
 
 
 async def test_identity_carried_to_servicer(backend):
     lookups: list[tuple[str, int]] = []
+    who = {"as": MATE}
 
     async def resolve(ip: str, port: int) -> Identity | None:
         lookups.append((ip, port))
-        return MATE if ip == "127.0.0.1" else None
+        return who["as"] if ip == "127.0.0.1" else None
 
     relay = Relay(("127.0.0.1", backend.port), resolve, backend.identities)
     [(host, port)] = await relay.listen(["127.0.0.1"], 0)
     try:
         assert host == "127.0.0.1" and port != backend.port
         async with backend.channel(port) as ch:
-            me = await call(ch, "WhoAmI")
-            assert me["login_name"] == "mate@example.com" and me["node_name"] == "mate.ts.net"
+            me = await whoami(ch)
+            assert (me.login_name, me.node_name, me.source) == (
+                "mate@example.com", "mate.ts.net", "tailnet")
+            assert me.is_owner is False
             # the servicer saw the relay's loopback connection, and mapped it back
-            assert me["peer"].startswith("ipv4:127.0.0.1:")
+            assert backend.service.peers[-1].startswith("ipv4:127.0.0.1:")
             assert len(backend.identities) == 1
-            assert await call(ch, "ListModels") == ["tiny"]
-            assert (await call(ch, "Generate", {"model": "tiny"}))["text"] == "ok"
-            assert await denied(ch, "Generate", {"model": "kimi-k2"}) == (
-                grpc.StatusCode.PERMISSION_DENIED, "kimi-k2")
+            assert await model_ids(ch) == [MODEL]  # mate's grant names it
+            assert await generate(ch, MODEL) == 4
+        # the next connection is bob's, granted only other models: the servicer says no
+        who["as"] = BOB
+        async with backend.channel(port) as ch:
+            assert (await whoami(ch)).login_name == "bob@example.com"
+            assert await model_ids(ch) == []
+            assert await denied(ch, MODEL) == (grpc.StatusCode.PERMISSION_DENIED, MODEL)
         assert lookups and lookups[0][0] == "127.0.0.1"
         for _ in range(100):  # the registry entry goes away with the connection
             if len(backend.identities) == 0:
                 break
             await asyncio.sleep(0.02)
         assert len(backend.identities) == 0
-        assert relay.stats.accepted == 1 and relay.stats.refused == 0
+        assert relay.stats.accepted == 2 and relay.stats.refused == 0
         assert wildcard_listeners(ports=[port, backend.port]) == []
     finally:
         await relay.aclose()
@@ -185,10 +195,10 @@ async def test_unknown_peer_refused_at_connect(backend, caplog):
         with caplog.at_level(logging.WARNING, logger="lmlink.net.relay"):
             async with backend.channel(port) as ch:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await call(ch, "WhoAmI", timeout=3)
+                    await whoami(ch, timeout=3)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert relay.stats.refused >= 1 and relay.stats.accepted == 0
-        assert backend.probe.calls == 0  # nothing ever reached gRPC
+        assert backend.service.peers == []  # nothing ever reached the servicer
         assert "not a known tailnet peer" in caplog.text
     finally:
         await relay.aclose()
@@ -203,8 +213,8 @@ async def test_broken_resolver_fails_closed(backend):
     try:
         async with backend.channel(port) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
-                await call(ch, "WhoAmI", timeout=3)
-        assert relay.stats.refused >= 1 and backend.probe.calls == 0
+                await whoami(ch, timeout=3)
+        assert relay.stats.refused >= 1 and backend.service.peers == []
     finally:
         await relay.aclose()
 
@@ -212,8 +222,11 @@ async def test_broken_resolver_fails_closed(backend):
 async def test_direct_connection_to_internal_port_has_no_identity(backend):
     async with backend.channel(backend.port) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await call(ch, "WhoAmI")
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await whoami(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as gen_err:
+            await generate(ch, MODEL)
+    assert err.value.code() == gen_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert backend.service.peers  # it reached the servicer, which found no identity
 
 
 async def test_raw_refusal_closes_before_any_byte(backend):
@@ -291,15 +304,15 @@ async def test_relay_serves_tsnet_style_listener(backend):
     task = asyncio.create_task(relay.serve_listener(listener))
     try:
         async with backend.channel(port) as ch:
-            me = await call(ch, "WhoAmI")
-            assert me["login_name"] == "mate@example.com"
-            big = await call(ch, "ListModels")
-            assert big == ["tiny"]
+            me = await whoami(ch)
+            assert me.login_name == "mate@example.com"
+            assert await model_ids(ch) == [MODEL]
+            assert await generate(ch, MODEL, max_tokens=300) == 300  # many partial sends
         assert seen[0] == ("100.87.0.2", 40000)
         listener.remote = (ip_address("100.87.0.9"), 40001)  # an unknown tailnet node
         async with backend.channel(port) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
-                await call(ch, "WhoAmI", timeout=3)
+                await whoami(ch, timeout=3)
         assert relay.stats.refused >= 1
     finally:
         task.cancel()

@@ -214,38 +214,9 @@ def test_client_cert_store_modes(tmp_path):
     assert load_client_cert("elsewhere:1", config_dir=tmp_path / "cfg") is None
 
 
-async def test_ssl_context_for_http_bridge(tmp_path):
-    """The same material serves plain-Python TLS (HTTP bridge); mTLS switch works there too."""
-    import asyncio
-
-    import ssl
-
-    from lmlink.net.pinning import fetch_server_certificate
-
-    state = tmp_path / "srv"
-    tls = server_tls(state, NAMES)
-
-    async def hello(reader, writer):
-        writer.write(b"hi")
-        await writer.drain()
-        writer.close()
-
-    for require in (False, True):
-        srv = await asyncio.start_server(hello, "127.0.0.1", 0,
-                                         ssl=tls.ssl_context(require_client_cert=require))
-        port = srv.sockets[0].getsockname()[1]
-        try:
-            device = issue_client_cert(state, "laptop")
-            pem = await asyncio.to_thread(fetch_server_certificate, "127.0.0.1", port,
-                                          client_cert=device)
-            assert fingerprint(pem) == tls.fingerprint
-            if require:
-                ctx = ssl.create_default_context(cadata=pem.decode())
-                ctx.check_hostname = False
-                with pytest.raises((ssl.SSLError, ConnectionError)):
-                    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
-                    await r.read()  # TLS 1.3: the refusal arrives after the handshake
-        finally:
-            srv.close()
+def test_http_bridge_tls_files_are_private(tmp_path):
+    """The files uvicorn serves the HTTP bridge's TLS from (front_door writes them) are 0600 in a
+    0700 directory. (Client certificates on the bridge: tests/test_http_abuse.py.)"""
+    tls = server_tls(tmp_path / "srv", NAMES)
     paths = tls.write_files(tmp_path / "run")
-    assert all(mode(p) == 0o600 for p in paths) and mode(tmp_path / "run") == 0o700
+    assert paths and all(mode(p) == 0o600 for p in paths) and mode(tmp_path / "run") == 0o700

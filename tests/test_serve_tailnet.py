@@ -21,9 +21,11 @@ import pytest
 
 from lmlink.access.policy import CAPABILITY
 from lmlink.net.listeners import listening_sockets
-from support.localapi_standin import LocalAPIStandin, Node, Tailnet
+from support.localapi_standin import LocalAPIStandin, Tailnet
+from support.tailnets import laptop, studio_tailnet
 from support.netns import namespaces_left, require_root, wireguard_pair
-from test_net_netns import read_json_line, stop
+from support.checks import one_line_error
+from support.procs import read_json_line, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"
@@ -34,16 +36,13 @@ WRONG_FP = "sha256:" + "ab" * 32
 
 
 def the_tailnet() -> Tailnet:
-    me = Node("studio.tail1234.ts.net", [NODE], login_name="owner@example.com",
-              display_name="Owner", user_id=1)
-    peers = [
-        Node("owner-laptop.tail1234.ts.net", [OWNER], login_name="owner@example.com", user_id=1),
-        Node("mate-laptop.tail1234.ts.net", [MATE], login_name="mate@example.com", user_id=2,
-             cap_map={CAPABILITY: [{"models": [MODEL], "actions": ["generate", "list", "info"]}]}),
-        Node("bob-laptop.tail1234.ts.net", [OTHER], login_name="bob@example.com", user_id=3,
-             cap_map={CAPABILITY: [{"models": ["qwen-7b"], "actions": ["generate", "list", "info"]}]}),
-    ]
-    return Tailnet(me, peers, cert_domains=["studio.tail1234.ts.net"])
+    grant = {"actions": ["generate", "list", "info"]}
+    return studio_tailnet(
+        NODE,
+        laptop("owner", OWNER, 1),
+        laptop("mate", MATE, 2, cap_map={CAPABILITY: [{"models": [MODEL], **grant}]}),
+        laptop("bob", OTHER, 3, cap_map={CAPABILITY: [{"models": ["qwen-7b"], **grant}]}),
+    )
 
 
 def serve_argv(*extra: str) -> list[str]:
@@ -172,13 +171,8 @@ def run_serve(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def one_line_failure(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 1, (res.returncode, res.stderr)
     assert res.stdout == ""  # no ready line
-    assert "Traceback" not in res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("lmlink serve: ")
-    return lines[0]
+    return one_line_error(res, "serve")
 
 
 def test_tailscaled_without_localapi_fails_in_one_line(tmp_path):

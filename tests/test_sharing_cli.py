@@ -128,10 +128,22 @@ def test_bad_input_on_a_fresh_state_dir_creates_nothing(tmp_path, capsys):
     d = tmp_path / "fresh"
     code, _, err = run(capsys, "share", "add", "alice", "--model", MODEL, "--state-dir", str(d))
     assert code == 2 and not d.exists()
+    # Reading a --state-dir that does not exist is an error (a typo must not look like an
+    # empty list), and it creates nothing.
+    for argv in (["share", "list"], ["token", "list"], ["usage", "--json"]):
+        code, out, err = run(capsys, *argv, "--state-dir", str(d))
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "no state dir" in err and not d.exists()
+
+
+def test_an_existing_empty_state_dir_lists_nothing(tmp_path, capsys):
+    d = tmp_path / "empty"
+    d.mkdir()
     code, out, _ = run(capsys, "share", "list", "--state-dir", str(d))
-    assert code == 0 and "no shares" in out and not d.exists()
+    assert code == 0 and "no shares" in out
     code, out, _ = run(capsys, "usage", "--json", "--state-dir", str(d))
-    assert code == 0 and json.loads(out)["rows"] == [] and not d.exists()
+    assert code == 0 and json.loads(out)["rows"] == []
+    assert list(d.iterdir()) == []
 
 
 def test_share_lifecycle_and_listing(state, capsys):
@@ -151,6 +163,32 @@ def test_share_lifecycle_and_listing(state, capsys):
     assert [s["principal"] for s in json.loads(out)] == ["alice@example.com"]
     code, out, _ = run(capsys, "share", "list", "--all", "--json", "--state-dir", str(state))
     assert [s["status"] for s in json.loads(out)] == ["active", "revoked"]
+
+
+def test_revoking_one_model_keeps_the_others(tmp_path, capsys):
+    """`share revoke P --model qwen-7b` takes away qwen-7b only, never a `qwen-*` grant."""
+    d = str(tmp_path / "state")
+    assert run(capsys, "share", "add", "alice@example.com", "--model", "qwen-7b", "--model",
+               "qwen-*", "--tokens-per-day", "500", "--expires", "7d", "--state-dir", d)[0] == 0
+    assert run(capsys, "share", "add", "alice@example.com", "--model", "qwen-*",
+               "--state-dir", d)[0] == 0
+    assert run(capsys, "share", "add", "bob@example.com", "--model", "qwen-7b",
+               "--state-dir", d)[0] == 0
+    code, out, err = run(capsys, "share", "revoke", "alice@example.com", "--model", "qwen-7b",
+                         "--state-dir", d)
+    assert code == 0, err
+    assert "revoked share #1 (alice@example.com: qwen-7b)" in out and "kept qwen-*" in out
+    code, out, _ = run(capsys, "share", "list", "--json", "--state-dir", d)
+    active = {(s["principal"], tuple(s["models"])): s for s in json.loads(out)}
+    assert set(active) == {("alice@example.com", ("qwen-*",)), ("bob@example.com", ("qwen-7b",))}
+    kept = [s for s in json.loads(out) if s["principal"] == "alice@example.com"]
+    assert len(kept) == 2  # share #2 untouched, plus #1's qwen-* re-granted
+    renewed = next(s for s in kept if s["id"] == 4)
+    assert renewed["tokens_per_day"] == 500 and renewed["expires_at"]
+    # Nothing left to take for that model: one line, exit 1.
+    code, _, err = run(capsys, "share", "revoke", "alice@example.com", "--model", "qwen-7b",
+                       "--state-dir", d)
+    assert code == 1 and len(err.strip().splitlines()) == 1
 
 
 def test_tokens_are_shown_once_and_stored_hashed(state, capsys):

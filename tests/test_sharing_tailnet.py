@@ -16,6 +16,7 @@ fair admission while one user floods 16 streams; bearer tokens; owner-only admin
 from __future__ import annotations
 
 import json
+from collections import Counter
 import selectors
 import subprocess
 import sys
@@ -26,8 +27,9 @@ import pytest
 
 from lmlink.access.policy import CAPABILITY, GROUPS_CAPABILITY
 from support.localapi_standin import LocalAPIStandin, Node, Tailnet
+from support.tailnets import laptop, studio_tailnet
 from support.netns import namespaces_left, require_root, wireguard_pair
-from test_net_netns import read_json_line, stop
+from support.procs import read_json_line, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"
@@ -40,20 +42,14 @@ FLOOD_TOKENS = 160
 
 
 def the_tailnet() -> Tailnet:
-    me = Node("studio.tail1234.ts.net", [NODE], login_name="owner@example.com",
-              display_name="Owner", user_id=1)
-    peers = [
-        Node("owner-laptop.tail1234.ts.net", [SOURCES["owner"]], login_name="owner@example.com",
-             user_id=1),
-        Node("mate-laptop.tail1234.ts.net", [SOURCES["mate"]], login_name="mate@example.com",
-             user_id=2, cap_map={CAPABILITY: [{"models": [MODEL]}]}),
-        Node("bob-laptop.tail1234.ts.net", [SOURCES["bob"]], login_name="bob@example.com",
-             user_id=3),
-        Node("carol-laptop.tail1234.ts.net", [SOURCES["carol"]], login_name="carol@example.com",
-             user_id=4, cap_map={GROUPS_CAPABILITY: [{"groups": ["group:eng"]}]}),
+    return studio_tailnet(
+        NODE,
+        laptop("owner", SOURCES["owner"], 1),
+        laptop("mate", SOURCES["mate"], 2, cap_map={CAPABILITY: [{"models": [MODEL]}]}),
+        laptop("bob", SOURCES["bob"], 3),
+        laptop("carol", SOURCES["carol"], 4, cap_map={GROUPS_CAPABILITY: [{"groups": ["group:eng"]}]}),
         Node("ci.tail1234.ts.net", [SOURCES["ci"]], tags=["tag:ci"]),
-    ]
-    return Tailnet(me, peers, cert_domains=["studio.tail1234.ts.net"])
+    )
 
 
 def run_driver(pair, cfg_path: Path, tailnet: Tailnet, timeout: float) -> dict:
@@ -116,6 +112,15 @@ def test_sharing_over_the_tailnet(tmp_path):
         assert server.returncode == 0, err[-3000:]
     elapsed = time.monotonic() - t0
     print(json.dumps(report, indent=1))
+    print("sharing timings:", json.dumps({
+        "local_revoke_cut_s": report["share_use_revoke"]["stream"]["ended_after"],
+        "local_revoke_cli_s": report["share_use_revoke"]["revoke"]["seconds"],
+        "remote_revoke_cut_s": report["http_revoke"]["seconds_after_revoke"],
+        "tailnet_grant_cut_s": report["tailnet_grant_removed"]["stream"]["ended_after"],
+        "expiry_cut_after_add_s": report["group_share_expires"]["stream"]["ended_after"],
+        "probe_ttft_s": report["fairness"]["probe_ttft"],
+        "one_generation_s": report["fairness"]["one_generation"],
+        "flood_total_s": report["fairness"]["flood_total"]}))
 
     # 1. local share: denied -> shared -> use -> revoked mid-stream -> denied
     s = report["share_use_revoke"]
@@ -127,7 +132,8 @@ def test_sharing_over_the_tailnet(tmp_path):
     cut = s["stream"]
     assert cut["code"] == "PERMISSION_DENIED" and "access revoked" in cut["message"], cut
     assert cut["tokens"] < 1500
-    assert cut["ended_after"] < 1.5, cut  # revocation reaches a running stream within a tick
+    # README: a stream ends at most ~0.12 s after `share revoke` returns (measured -0.08-0.12)
+    assert cut["ended_after"] < 0.5, cut
     assert s["after_revoke"]["code"] == "PERMISSION_DENIED"
 
     # 2. the same over HTTPS with the openai client, the owner sharing/revoking remotely
@@ -135,7 +141,7 @@ def test_sharing_over_the_tailnet(tmp_path):
     assert h["add_remote"]["rc"] == 0, h["add_remote"]
     assert h["revoke_remote"]["rc"] == 0, h["revoke_remote"]
     assert h["error"] and "access revoked" in h["error"]["message"], h
-    assert h["seconds_after_revoke"] < 1.5, h
+    assert h["seconds_after_revoke"] < 0.5, h  # measured 0.08-0.12 s
     assert h["after"]["status"] == 403
     assert h["after"]["body"]["error"]["type"] == "permission_error"
 
@@ -143,7 +149,7 @@ def test_sharing_over_the_tailnet(tmp_path):
     t = report["tailnet_grant_removed"]
     assert t["before"] == {"ok": 16, "finish": "length"}
     assert t["stream"]["code"] == "PERMISSION_DENIED", t["stream"]
-    assert t["stream"]["ended_after"] < 3.5, t["stream"]  # re-checked every 2 s
+    assert t["stream"]["ended_after"] < 3.0, t["stream"]  # re-checked every 2 s; 1.0-2.45 s
     assert t["after"]["code"] == "PERMISSION_DENIED"  # and on each new call
 
     # 4. a group share that expires while carol streams
@@ -152,7 +158,8 @@ def test_sharing_over_the_tailnet(tmp_path):
     assert g["add"]["rc"] == 0 and json.loads(g["add"]["out"])["kind"] == "group"
     assert g["during"] == {"ok": 16, "finish": "length"}
     assert g["stream"]["code"] == "PERMISSION_DENIED", g["stream"]
-    assert 2.5 < g["stream"]["ended_after"] < 4.5, g["stream"]  # expires 3 s after `add`
+    # expires 3 s after `add` ran (measured from its return: 2.65-2.9 s)
+    assert 2.5 < g["stream"]["ended_after"] < 3.5, g["stream"]
     assert g["after"]["code"] == "PERMISSION_DENIED"
 
     # 5. quota: 30 tokens per (4 s) minute for tag:ci
@@ -169,6 +176,17 @@ def test_sharing_over_the_tailnet(tmp_path):
     assert 0 < q["waited"] <= MINUTE
     assert q["recovered"] == {"ok": 5, "finish": "length"}, q
     assert q["http_recovered"] == 200
+    # four concurrent streams overdraw a fresh budget: the ones over it are cut mid-answer
+    over = q["overdraw"]
+    cut_mid = [x for x in over if x.get("code") == "RESOURCE_EXHAUSTED"
+               and "during this answer" in x["message"]]
+    refused_at_start = [x for x in over if x.get("code") == "RESOURCE_EXHAUSTED"
+                        and " already;" in x["message"]]
+    assert len(cut_mid) >= 1 and len(cut_mid) + len(refused_at_start) + sum(
+        x.get("completed") == "length" for x in over) == 4, over
+    # cut within a delivery or two (up to 8 tokens each, measured 37-49 in all): far fewer than
+    # the 4 x 30 the streams asked for
+    assert sum(x["tokens"] for x in over) <= 30 + 4 * 8, over
 
     # 6. max_streams
     m = report["max_streams"]
@@ -198,7 +216,8 @@ def test_sharing_over_the_tailnet(tmp_path):
     bad = b["bad_remote"]
     assert bad["rc"] == 2 and len(bad["err"].splitlines()) == 1 and "tailnet login" in bad["err"]
     usage = {r["user"]: r for r in json.loads(b["usage"]["out"])["rows"]}
-    assert usage["ci.tail1234.ts.net"]["completion_tokens"] == 20 + 10 + 5 + 5
+    # 20 + 10 + 5 + 5, then the overdraw: the whole budget and at most a few tokens over it
+    assert 40 + 30 <= usage["ci.tail1234.ts.net"]["completion_tokens"] <= 40 + 30 + 4 * 8
     assert usage["owner@example.com"]["completion_tokens"] == 16 * FLOOD_TOKENS
     assert usage["bob@example.com"]["refused"] >= 3
     by_model = json.loads(b["usage_by_model_remote"]["out"])["rows"]
@@ -208,8 +227,16 @@ def test_sharing_over_the_tailnet(tmp_path):
     lines = [json.loads(x) for x in (state / "audit.jsonl").read_text().splitlines()]
     assert [x["seq"] for x in lines] == list(range(1, len(lines) + 1))
     requests = [x for x in lines if x["event"] == "request"]
-    assert {"revoked", "rate_limited", "quota_exceeded", "completed", "denied"} >= {
-        x["outcome"] for x in requests} - {"cancelled"}
+    outcomes = Counter(x["outcome"] for x in requests)
+    # each refusal above is in the trail under its own outcome: 4 streams cut by a revoked
+    # share, a removed grant, an expired group share and a revoked share over HTTP; 3 refusals
+    # at admission (quota twice, max_streams once) plus any overdraw stream refused at start;
+    # the mid-answer quota cuts; 6 callers without access
+    assert outcomes["revoked"] == 4, outcomes
+    assert outcomes["rate_limited"] == 3 + len(refused_at_start), outcomes
+    assert outcomes["quota_exceeded"] == len(cut_mid), outcomes
+    assert outcomes["denied"] == 6, outcomes
+    assert set(outcomes) <= {"revoked", "rate_limited", "quota_exceeded", "completed", "denied"}
     assert all("prompt" not in x for x in requests)
     assert not any("Once upon a time" in line for line in (state / "audit.jsonl").read_text().splitlines())
     assert {"share.add", "share.revoke", "token.create", "token.revoke"} <= {x["event"] for x in lines}

@@ -3,7 +3,6 @@ the openai package): missing or bad token -> 401 in OpenAI's shape; a token name
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any, AsyncIterator
 
@@ -12,30 +11,16 @@ import openai
 
 from lmlink.access.gate import PolicyGate
 from lmlink.access.state import AccessState
-from lmlink.api.core import Core, ServerFacts
-from lmlink.api.http_bridge import HttpBridge
-from lmlink.api.http_shell import HttpListener, bind_socket
 from lmlink.api.limits import Guard
-from lmlink.api.models import ModelManager
-from lmlink.api.streams import StreamHub
+from support.inprocess import http_bridge
 
 
 @contextlib.asynccontextmanager
 async def guarded_bridge(engine: Any, state: AccessState) -> AsyncIterator[str]:
     """Like a tailnet server's private loopback port dialed directly: nobody is identified."""
-    models = ModelManager(StreamHub(asyncio.get_running_loop()))
-    models.add(engine)
     gate: Any = PolicyGate(lambda peer: None, state.policy)
-    guard = Guard(gate, state)
-    core = Core(models, guard, ServerFacts("t", "tailscaled"))
-    listener = HttpListener(HttpBridge(core).app(), bind_socket("127.0.0.1", 0))
-    await listener.start()
-    guard.start()
-    try:
-        yield f"http://{listener.address}"
-    finally:
-        await guard.aclose()
-        await listener.stop()
+    async with http_bridge(engine, gate, guard=Guard(gate, state)) as (url, _):
+        yield url
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -47,8 +32,8 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 async def test_tokens_on_an_unidentified_connection(engine, tmp_path):
     state = AccessState.open(tmp_path, owner_login="owner@example.com")
-    owner_token, _ = state.tokens.create("laptop")
-    bob_token, _ = state.tokens.create("script", "bob@example.com")
+    owner_token, _owner_record = state.tokens.create("laptop")
+    bob_token, bob_record = state.tokens.create("script", "bob@example.com")
     async with guarded_bridge(engine, state) as url, httpx.AsyncClient(base_url=url) as h:
         missing = error_of(await h.get("/v1/models"), 401)
         assert missing["type"] == "authentication_error" and "Bearer" in missing["message"]
@@ -74,9 +59,10 @@ async def test_tokens_on_an_unidentified_connection(engine, tmp_path):
             except openai.AuthenticationError as exc:
                 assert "unknown or revoked" in str(exc)
     rows = state.store.query("SELECT login, source, credential, outcome FROM requests ORDER BY seq")
+    # both rows name bob's token by its id (never the secret), not the owner's
+    assert bob_record.id.startswith("tk_") and bob_record.id != _owner_record.id
     assert [tuple(r) for r in rows] == [
-        ("bob@example.com", "token", rows[0]["credential"], "denied"),
-        ("bob@example.com", "token", rows[0]["credential"], "completed"),
+        ("bob@example.com", "token", bob_record.id, "denied"),
+        ("bob@example.com", "token", bob_record.id, "completed"),
     ]
-    assert rows[0]["credential"].startswith("tk_")
     state.close()

@@ -135,9 +135,10 @@ def run(books: Books, command: str, args: dict[str, Any], *, actor: str = "owner
         shares = books.shares.list(include_inactive=bool(args.get("all")))
         return {"shares": [s.to_json(now) for s in shares]}
     if command == "share.revoke":
-        revoked = books.shares.revoke(_str(args, "selector", required=True) or "",
-                                      models=_strs(args, "models"), by=actor)
-        return {"revoked": [s.to_json(now) for s in revoked]}
+        revoked, kept = books.shares.revoke_models(
+            _str(args, "selector", required=True) or "", models=_strs(args, "models"), by=actor)
+        return {"revoked": [s.to_json(now) for s in revoked],
+                "kept": [s.to_json(now) for s in kept]}
     if command == "token.create":
         token, info = books.tokens.create(_str(args, "name", required=True) or "",
                                           _str(args, "as"), by=actor)

@@ -326,6 +326,13 @@ class ShareBook(Mapping[str, Sequence[dict[str, Any]]]):
     def revoke(self, selector: str, *, models: Sequence[str] = (), by: str = "owner") -> List[Share]:
         """Revoke share #ID (`3` or `#3`), or every active share of a principal
         (optionally only those naming one of `models`). Raises if nothing matches."""
+        return self.revoke_models(selector, models=models, by=by)[0]
+
+    def revoke_models(self, selector: str, *, models: Sequence[str] = (),
+                      by: str = "owner") -> tuple[List[Share], List[Share]]:
+        """`revoke`, returning (revoked, kept): with `models`, a share that also names other
+        models is revoked and its other models re-granted as a new share (same limits and
+        expiry), so `--model qwen-7b` never takes away a `qwen-*` grant."""
         sel = (selector or "").strip()
         now = self.clock()
         params: List[Any]
@@ -345,13 +352,26 @@ class ShareBook(Mapping[str, Sequence[dict[str, Any]]]):
                 what = f"share #{sel.lstrip('#')}" if sel.lstrip("#").isdigit() else repr(sel)
                 models_note = f" for {', '.join(sorted(wanted))}" if wanted else ""
                 raise NotFound(f"no active share matches {what}{models_note}")
+            kept: dict[int, int] = {}
             for s in targets:
                 db.execute("UPDATE shares SET revoked_at = ?, revoked_by = ? WHERE id = ?",
                            (now, by, s.id))
+                rest = [m for m in s.models if m not in wanted] if wanted else []
+                if rest:  # revoke only the models named: the rest live on in a new share
+                    cur = db.execute(
+                        "INSERT INTO shares (principal, models, actions, max_streams,"
+                        " tokens_per_minute, tokens_per_day, created_at, created_by, expires_at)"
+                        " VALUES (?,?,?,?,?,?,?,?,?)",
+                        (s.principal, json.dumps(rest), json.dumps(list(s.actions)),
+                         s.max_streams, s.tokens_per_minute, s.tokens_per_day, now, by,
+                         s.expires_at))
+                    kept[s.id] = int(cur.lastrowid or 0)
             _audit_admin(db, now, by, "share.revoke",
-                         {"shares": [s.id for s in targets], "selector": sel})
+                         {"shares": [s.id for s in targets], "selector": sel,
+                          **({"models": sorted(wanted), "kept_as": kept} if wanted else {})})
         self.reload()
-        return [self.get_share(s.id) for s in targets]
+        return ([self.get_share(s.id) for s in targets],
+                [self.get_share(new) for new in kept.values()])
 
 
 def _audit_admin(db: Any, now: float, actor: str, event: str, details: dict[str, Any]) -> None:

@@ -100,7 +100,7 @@ def request_to_wire(r: GenerationRequest, model: str = "", request_id: str = "")
         sampling.top_k = s.top_k
     if s.min_p:
         sampling.min_p = s.min_p
-    for name in ("max_tokens", "seed", "repetition_penalty"):
+    for name in ("max_tokens", "seed", "repetition_penalty", "speculate"):
         value = getattr(s, name)
         if value is not None:
             setattr(sampling, name, value)

@@ -191,7 +191,7 @@ class AnthropicDoor:
             return error_response(error)
         msg = _Message(new_id("msg"), call.model)
         if body.get("stream"):
-            return EventStream(_stream(call, msg))
+            return EventStream(_stream(call, msg), on_close=call.close)
         try:
             async for event in call.events():
                 msg.add(event)

@@ -43,6 +43,7 @@ def sampling_from_wire(s: pb.SamplingParams) -> SamplingOptions:
         seed=s.seed if s.HasField("seed") else None,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
         ignore_eos=s.ignore_eos,
+        speculate=s.speculate if s.HasField("speculate") else None,
     )
 
 
@@ -119,6 +120,10 @@ def event_to_wire(event: Event, request_id: str) -> pb.GenerateEvent:
                     tokens_per_second=event.tokens_per_second,
                     prompt_tokens_per_second=event.prompt_tokens_per_second,
                     queued_ms=event.queued_ms,
+                    draft_tokens=event.draft_tokens,
+                    accepted_draft_tokens=event.accepted_draft_tokens,
+                    draft_acceptance_rate=event.draft_acceptance_rate,
+                    tokens_per_step=event.tokens_per_step,
                 ),
             ),
         )

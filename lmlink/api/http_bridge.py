@@ -64,6 +64,7 @@ from .openai_schema import (
     parse_completion,
     parse_json,
 )
+from .status_door import StatusViews
 from .shortcuts import answer_body, error_text, parse_ask, wants_text
 
 
@@ -87,7 +88,8 @@ class BridgeOptions:
 class HttpBridge:
     """Builds the Starlette app over the call core; one instance per server."""
 
-    def __init__(self, core: Core, options: BridgeOptions | None = None) -> None:
+    def __init__(self, core: Core, options: BridgeOptions | None = None,
+                 views: StatusViews | None = None) -> None:
         self.core = core
         self.options = options or BridgeOptions()
         self.conversations = ConversationStore(
@@ -96,6 +98,7 @@ class HttpBridge:
         )
         self.responses = ResponseStore()  # previous_response_id state, bounded per caller
         self._started = int(time.time())
+        self.views = views or StatusViews(core)
 
     def app(self) -> Any:
         return openai_app(
@@ -108,6 +111,7 @@ class HttpBridge:
                 Route("/health", self.health, methods=["GET"]),
                 # Responses and Anthropic Messages: door modules over the same call core.
                 *agent_routes(CoreBackend(self.core, self.options.keepalive_seconds), self.responses),
+                *self.views.routes(self._caller),
             ],
             allowed_hosts=self.options.allowed_hosts,
             allowed_origins=self.options.allowed_origins,
@@ -118,6 +122,16 @@ class HttpBridge:
     async def _caller(self, request: Request) -> Caller:
         return await self.core.identify(peer_string(request.scope),
                                         request.headers.get("authorization"))
+
+    # ----- for other doors mounted on this app (Responses, Anthropic Messages) -----------------
+
+    async def open(self, request: Request, model: str, gen: GenerationRequest) -> Generation:
+        """Identify the caller of an HTTP request and open `gen` for it through the core."""
+        return await self.core.open(await self._caller(request), model, gen, "http")
+
+    async def caller_key(self, request: Request) -> str:
+        """A stable key for the caller (state kept per caller, e.g. conversations)."""
+        return _caller_key((await self._caller(request)).identity)
 
     # ----- OpenAI endpoints -----------------------------------------------------------------
 
@@ -135,7 +149,7 @@ class HttpBridge:
         gen = await self.core.open(caller, call.model, call.request, "http")
         headers = {"x-request-id": gen.request_id}
         if call.stream:
-            return EventStream(self._chunks(gen, call), headers)
+            return EventStream(self._chunks(gen, call), headers, on_close=gen.close)
         extras = Extras()  # text, tool calls and logprobs
         async with gen:
             try:

@@ -98,16 +98,23 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 class EventStream(StreamingResponse):
     """SSE over an async generator of byte chunks. A client that leaves cancels the generator
-    at once (its `finally` frees what it holds), even while it waits for the engine."""
+    at once, even while it waits for the engine; `on_close` then runs however the response
+    ended -- also when the generator never started, so its `finally` would not run."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         super().__init__(chunks, media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-accel-buffering": "no",
                                   **(headers or {})})
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        with contextlib.suppress(ClientGone):
-            await unless_disconnected(receive, self.stream_response(send))
+        try:
+            with contextlib.suppress(ClientGone):
+                await unless_disconnected(receive, self.stream_response(send))
+        finally:
+            if self._on_close is not None:
+                self._on_close()
 
 
 # ----- errors ---------------------------------------------------------------------------------

@@ -272,6 +272,7 @@ def _sampling(body: Mapping[str, Any]) -> SamplingOptions:
         seed=_opt(body, "seed", int),
         repetition_penalty=_opt(body, "repetition_penalty", float),
         ignore_eos=bool(_opt(body, "ignore_eos", bool)),  # vLLM's extension, for load tests
+        speculate=_opt(body, "speculate", bool),  # lmlink's: speculative decoding on/off
     )
 
 

@@ -155,7 +155,7 @@ class ResponsesDoor:
                 self.store.put(caller, shape.id, (*turns, output_turn))
 
         if body.get("stream"):
-            return EventStream(_stream(call, shape, remember))
+            return EventStream(_stream(call, shape, remember), on_close=call.close)
         try:
             async for event in call.events():
                 shape.add(event)

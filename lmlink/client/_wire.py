@@ -48,6 +48,7 @@ def build_request(
     tool_choice: str | None = None,
     json_schema: Mapping[str, Any] | bool | None = None,
     top_logprobs: int | None = None,
+    speculate: bool | None = None,
 ) -> pb.GenerateRequest:
     """`tools`: {"name", "description", "parameters"} dicts; `tool_choice`: auto, none, required
     or a function name; `json_schema`: a schema the answer must follow (True: any JSON object);
@@ -63,6 +64,7 @@ def build_request(
         ("min_p", min_p),
         ("seed", seed),
         ("repetition_penalty", repetition_penalty),
+        ("speculate", speculate),
     ):
         if value is not None:
             setattr(sampling, name, value)
@@ -134,6 +136,10 @@ def decode_event(message: pb.GenerateEvent) -> Event:
                 t.tokens_per_second,
                 t.prompt_tokens_per_second,
                 t.queued_ms,
+                t.draft_tokens,
+                t.accepted_draft_tokens,
+                t.draft_acceptance_rate,
+                t.tokens_per_step,
             ),
         )
     raise ValueError(f"unknown event kind {kind!r}")

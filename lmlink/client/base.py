@@ -12,22 +12,20 @@ from typing import Any, Sequence
 
 import grpc
 
+from lmlink import defaults
 from lmlink.v1 import inference_pb2 as pb
 
 from ._wire import Message, build_request
 from .errors import InvalidArgument, LmlinkError, from_rpc_error
 from .security import channel_settings
 
-DEFAULT_TARGET = "127.0.0.1:47470"
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-]
+DEFAULT_TARGET = defaults.LOCAL_SERVER
+CHANNEL_OPTIONS = list(defaults.CHANNEL_OPTIONS)
 
 
 def resolve_target(target: str | None) -> str:
     """Explicit target, else $LMLINK_SERVER, else the local default."""
-    return target or os.environ.get("LMLINK_SERVER") or DEFAULT_TARGET
+    return target or os.environ.get(defaults.ENV_SERVER) or DEFAULT_TARGET
 
 
 class BaseClient:

@@ -33,14 +33,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Sequence
 
+from lmlink import defaults
+
 from .errors import LmlinkError, PermissionDenied
 
 Origin = Literal["mdns", "tailnet", "configured"]
 Status = Literal["ok", "unverified", "rejected", "unreachable", "denied", "refused"]
-DEFAULT_LOCAL = "127.0.0.1:47470"
+DEFAULT_LOCAL = defaults.LOCAL_SERVER
 VERIFY_TIMEOUT = 3.0
 CONFIG_FILE = "config.toml"
-DIRECT_ONLY_ENV = "LMLINK_DIRECT_ONLY"
+DIRECT_ONLY_ENV = defaults.ENV_DIRECT_ONLY
 _ORIGIN_ORDER = {"mdns": 0, "tailnet": 1, "configured": 2}
 
 
@@ -60,7 +62,7 @@ class ClientSettings:
     direct_only: bool = False
     servers: tuple[str, ...] = ()
     discovery_timeout: float = 2.0
-    tailnet_port: int = 47470
+    tailnet_port: int = defaults.GRPC_PORT
     tailnet_tag: str = "tag:lmlink"
     path: Path | None = None
 
@@ -518,12 +520,12 @@ async def adiscover(
         await asyncio.wait(pending, timeout=VERIFY_TIMEOUT + 1.0)
     for task in pending:
         task.cancel()
-    endpoints = _merge(list(found.values()))
+    endpoints = merge_endpoints(list(found.values()))
     endpoints.sort(key=_order)
     return Discovery(endpoints, notes, round(time.monotonic() - start, 3), browser_ifaces)
 
 
-def _merge(endpoints: list[Endpoint]) -> list[Endpoint]:
+def merge_endpoints(endpoints: list[Endpoint]) -> list[Endpoint]:
     """One entry per confirmed server address: a confirmed mDNS answer absorbs the tailnet or
     configured entry that reached the same address and certificate. A configured default with
     nothing behind it is dropped (it was never "found")."""

@@ -65,6 +65,10 @@ class Timings:
     tokens_per_second: float
     prompt_tokens_per_second: float
     queued_ms: float
+    draft_tokens: int = 0  # speculative decoding: drafts verified, kept, ratio, tokens/step
+    accepted_draft_tokens: int = 0
+    draft_acceptance_rate: float = 0.0
+    tokens_per_step: float = 0.0
 
 
 @dataclass(frozen=True)

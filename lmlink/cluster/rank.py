@@ -1,6 +1,10 @@
 """What every rank of `lmlink cluster up` runs (started by mpirun or mlx.launch, never by hand).
 
-    python -m lmlink.cluster.rank [serve flags]     (cluster file in $LMLINK_CLUSTER_TOML)
+    python -m lmlink.cluster.rank OPTIONS [LOG_LEVEL]   (cluster file in $LMLINK_CLUSTER_TOML)
+
+OPTIONS is rank 0's `ServeOptions` as base64 JSON, built by `lmlink cluster up` (every rank
+reads its batching limits: they must match for lockstep). This module never imports the
+command line: rank 0 calls `lmlink.server.serve(options, cluster=runtime)` itself.
 
 All ranks: join the mx.distributed group, load their shard of the model, then run the same
 lockstep engine. Rank 0 also runs the whole `lmlink serve` stack (gRPC, HTTP bridge, discovery)
@@ -24,9 +28,37 @@ from typing import Any, Callable
 from .control import ControlServer, Heartbeat, RankStatus, fetch_files, memory_in_use
 from .spec import ClusterSpec, parse_cluster
 
+from lmlink import defaults
+
 log = logging.getLogger("lmlink.cluster")
-ENV_SPEC = "LMLINK_CLUSTER_TOML"
-ENV_LINGER = "LMLINK_CLUSTER_LINGER"
+ENV_SPEC = defaults.ENV_CLUSTER_TOML
+ENV_LINGER = defaults.ENV_CLUSTER_LINGER
+
+
+def encode_serve_options(options: Any, log_level: str = "warning") -> list[str]:
+    """The rank command line's arguments: `options` (a ServeOptions) as base64 JSON."""
+    import dataclasses
+
+    data = dataclasses.asdict(dataclasses.replace(options, cluster=None))
+    data.pop("cluster", None)
+    blob = base64.b64encode(json.dumps(data, default=str).encode()).decode()
+    return [blob, log_level]
+
+
+def decode_serve_options(blob: str) -> Any:
+    """The inverse of `encode_serve_options`."""
+    from lmlink.engine.engine import EngineConfig
+    from lmlink.front_door import TailnetSettings
+    from lmlink.server import ServeOptions
+
+    data = json.loads(base64.b64decode(blob))
+    data["engine"] = EngineConfig(**data["engine"])
+    tailnet = data["tailnet"]
+    tailnet["state_dir"] = Path(tailnet["state_dir"])
+    data["tailnet"] = TailnetSettings(**tailnet)
+    if "allowed_origins" in data:
+        data["allowed_origins"] = tuple(data["allowed_origins"])
+    return ServeOptions(**data)
 
 
 def spec_from_env() -> ClusterSpec:
@@ -168,23 +200,29 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[rank {rank} {me.host.name}] {msg}", file=sys.stderr, flush=True)
 
-    from lmlink.cli import build_parser
-    from lmlink.engine.engine import EngineConfig
+    try:
+        options = decode_serve_options(argv[0])
+    except (IndexError, ValueError, TypeError, KeyError) as exc:
+        print(f"lmlink cluster rank: bad serve options from the launcher: {exc}", file=sys.stderr)
+        return 2
+    level = argv[1] if len(argv) > 1 else "warning"
+    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.WARNING))
+    try:
+        if rank == 0:
+            return _main_rank0(spec, group, options, say)
+        return _main_follower(spec, group, rank, options.model, options.engine, say)
+    except Exception as exc:  # noqa: BLE001 - one line per rank, never a traceback
+        say(f"cannot start: {exc}")
+        if rank == 0:
+            _emit({"event": "error", "message": str(exc)})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
-    # Every rank parses the same flags: the batching limits must match for lockstep.
-    args = build_parser().parse_args(["serve", *argv])
-    config = EngineConfig(max_batch_size=args.max_batch, max_queue=args.max_queue,
-                          default_max_tokens=max(1, args.default_max_tokens))
-    if rank == 0:
-        return _main_rank0(spec, group, args, config, say)
-    return _main_follower(spec, group, rank, args.model, config, say)
 
-
-def _main_rank0(spec: ClusterSpec, group: Any, args: Any, config: Any,
-                say: Callable[[str], None]) -> int:
+def _main_rank0(spec: ClusterSpec, group: Any, options: Any, say: Callable[[str], None]) -> int:
     import mlx.core as mx
 
-    from lmlink.cli import cmd_serve
     from lmlink.engine.types import EngineStopped
 
     statuses = [RankStatus(r.rank, r.host.name, r.host.address) for r in spec.ranks]
@@ -195,7 +233,7 @@ def _main_rank0(spec: ClusterSpec, group: Any, args: Any, config: Any,
     if spec.weights == "rank0":
         from lmlink.engine.loader import resolve_model_path
 
-        files_root = resolve_model_path(args.model, progress=say)[2]
+        files_root = resolve_model_path(options.model, progress=say)[2]
 
     def on_failure(status: RankStatus, why: str) -> None:
         error = EngineStopped(f"rank {status.rank} ({status.host}) stopped responding: {why}")
@@ -221,9 +259,34 @@ def _main_rank0(spec: ClusterSpec, group: Any, args: Any, config: Any,
                             spec.heartbeat_timeout, on_failure, on_progress, files_root)
     # Tell every rank where the side channel is (the only collective before loading).
     mx.eval(mx.distributed.all_sum(mx.array([control.port], dtype=mx.int32), group=group))
-    runtime = Rank0(spec, group, control, args.model, config)
-    args.cluster_runtime = runtime
-    return cmd_serve(args)
+    runtime = Rank0(spec, group, control, options.model, options.engine)
+    return _serve(options, runtime, say)
+
+
+def _serve(options: Any, runtime: Rank0, say: Callable[[str], None]) -> int:
+    """Rank 0 serves like `lmlink serve --json`: one ready line, or one error line."""
+    import asyncio
+
+    from lmlink.engine.types import EngineError
+    from lmlink.server import ServeError, serve
+
+    def on_ready(running: Any) -> None:
+        _emit({"event": "ready", "grpc": running.grpc_address, "http": running.http_address,
+               "model": running.registry.resolve("").model_id, "listen": options.listen,
+               "tls_fingerprint": running.tls_fingerprint or None})
+
+    try:
+        asyncio.run(serve(options, on_ready=on_ready, on_progress=say, cluster=runtime))
+    except (ServeError, EngineError, OSError, RuntimeError) as exc:
+        _emit({"event": "error", "message": str(exc)})
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _main_follower(spec: ClusterSpec, group: Any, rank: int, model: str, config: Any,
@@ -250,7 +313,7 @@ def _main_follower(spec: ClusterSpec, group: Any, rank: int, model: str, config:
 
         model_id = resolve_model_path(model)[0] if model in ("builtin", BUILTIN_MODEL_ID) \
             else model
-        cache = Path(os.environ.get("LMLINK_WEIGHTS_DIR",
+        cache = Path(os.environ.get(defaults.ENV_WEIGHTS_DIR,
                                     Path.home() / ".cache" / "lmlink" / "cluster-weights"))
         path = fetch_files(address, cache / model_id.replace("/", "--"), progress=progress)
         model = str(path)

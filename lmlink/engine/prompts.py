@@ -12,6 +12,15 @@ MAX_MESSAGES = 1024
 
 def encode_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
     """Token ids the model sees: the chat template applied to messages, or the raw prompt."""
+    ids = _encode_request(tokenizer, request)
+    limit = request.max_prompt_tokens
+    if limit is not None and len(ids) > limit:
+        raise InvalidRequest(f"the prompt is {len(ids)} tokens; your access allows at most "
+                             f"{limit} tokens per prompt")
+    return ids
+
+
+def _encode_request(tokenizer: Any, request: GenerationRequest) -> list[int]:
     if (request.messages is None) == (request.prompt is None):
         raise InvalidRequest("send either chat messages or a raw prompt")
     if request.prompt is not None:

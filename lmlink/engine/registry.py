@@ -51,6 +51,10 @@ class ModelEntry:
 
 def estimate_bytes(path: Path) -> int:
     """Weights on disk (safetensors / npz) times a headroom factor."""
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from .gguf import estimate_bytes as gguf_bytes
+
+        return int(gguf_bytes(path) * MEMORY_HEADROOM)
     total = 0
     for pattern in ("*.safetensors", "*.npz"):
         for f in path.glob(pattern):
@@ -116,6 +120,13 @@ class ModelRegistry:
             if model_id is None or model_id not in self._engines:
                 entry = self._entries.get(name) if name else None
                 served = ", ".join(sorted(self._engines)) or "none (still loading)"
+                if not name:  # the caller asked for the default model
+                    loading = [e.id for e in self._entries.values() if e.state == "loading"]
+                    if self._engines:
+                        raise ModelNotFound(f"there is no default model; name one of: {served}")
+                    raise ModelNotFound(
+                        f"model {loading[0]!r} is still loading" if loading else
+                        "no model is loaded here (load one with `lmlink models load MODEL`)")
                 if entry is not None and entry.state == "loading":
                     raise ModelNotFound(f"model {name!r} is still loading; served models: {served}")
                 if entry is not None and entry.state == "unloading":

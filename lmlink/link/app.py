@@ -87,6 +87,7 @@ class _Upstream:
     events: AsyncIterator[ev.Event]
     head: list[ev.Event]
     model: str
+    released: bool = False
 
 
 class LinkStats:
@@ -186,12 +187,15 @@ class LinkApp:
         headers = {"x-request-id": request_id, "x-lmlink-server": up.server.label}
         created = int(time.time())
         if call.stream:
-            return EventStream(self._chunks(up, call, request_id, created), headers)
+            return EventStream(self._chunks(up, call, request_id, created), headers,
+                               on_close=lambda: self._release(up))
         extras = Extras()  # tool calls and logprobs
         try:
             text, done = await unless_disconnected(request.receive, self._collect(up, extras))
         except ClientGone:
             return Response(status_code=499)
+        finally:
+            self._release(up)
         body = completion_body(call.kind, request_id, created, up.model, text,
                                _finish(done), done.usage, extras)
         return JSONResponse(body, headers=headers)
@@ -272,8 +276,14 @@ class LinkApp:
                 yield event
         finally:
             self.stats.active -= 1
+            self._release(up)
+
+    def _release(self, up: _Upstream) -> None:
+        """Give the upstream back (idempotent): cancels it on the server unless it finished."""
+        if not up.released:
+            up.released = True
             up.server.inflight -= 1
-            up.stream.cancel()  # no-op when finished; cancels on the server otherwise
+            up.stream.cancel()  # no-op when finished
 
     async def _collect(self, up: _Upstream, extras: Extras | None = None) -> tuple[str, ev.Completed]:
         parts: list[str] = []

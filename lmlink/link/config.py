@@ -18,10 +18,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lmlink import defaults
 from lmlink.client.errors import LmlinkError
 
 LINK_FILE = "link.toml"
-DEFAULT_PORT = 47472  # `--port 1234` for tools preconfigured for LM Studio's server
+DEFAULT_PORT = defaults.LINK_PORT  # `--port 1234` for tools preconfigured for LM Studio's server
 DEFAULT_HOST = "127.0.0.1"
 
 

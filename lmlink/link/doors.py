@@ -70,7 +70,7 @@ class _LinkCall:
                        code="upstream_failed")
 
     def close(self) -> None:
-        self._up.stream.cancel()  # no-op once finished
+        self._app._release(self._up)  # idempotent; cancels on the server unless finished
 
 
 class LinkBackend:

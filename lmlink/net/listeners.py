@@ -77,7 +77,26 @@ def local_bind_hosts(hosts: Sequence[str] | None = None) -> list[str]:
 
 
 def tailscaled_bind_hosts(localapi: LocalAPI, *, ipv6: bool = True) -> list[str]:
-    """`tailscaled` mode: this node's tailnet IPs from LocalAPI status (IPv4 first)."""
+    """`tailscaled` mode: this node's tailnet IPs from LocalAPI status (IPv4 first).
+
+    Userspace-networking tailscaled (`--tun=userspace-networking`, reported by LocalAPI as
+    TUN false) has no tailnet address on any interface; it forwards incoming tailnet
+    connections to 127.0.0.1:<same port>, so there the answer is loopback. Loopback callers
+    are then identified only by WhoIs on the forwarded address (lmlink.net.localapi), never
+    trusted as local.
+    """
+    if userspace_mode(localapi):
+        return ["127.0.0.1"]
+    return tailnet_ips(localapi, ipv6=ipv6)
+
+
+def userspace_mode(localapi: LocalAPI) -> bool:
+    """True when this node's tailscaled runs without a TUN device (userspace networking)."""
+    return not localapi.self_node(refresh=False).tun
+
+
+def tailnet_ips(localapi: LocalAPI, *, ipv6: bool = True) -> list[str]:
+    """This node's tailnet addresses (what clients dial), IPv4 first; never loopback/wildcard."""
     me = localapi.self_node()
     hosts = [refuse_wildcard(ip) for ip in me.tailscale_ips]
     if not ipv6:

@@ -15,14 +15,17 @@ import asyncio
 import ipaddress
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, TypeVar
 
 import tslocal
 
+from lmlink import defaults
 from lmlink.access.identity import Identity
 
-SOCKET_ENV = "LMLINK_LOCALAPI_SOCKET"
+SOCKET_ENV = defaults.ENV_LOCALAPI_SOCKET
+FORWARD_RETRY_S = 0.5  # how long a forwarded (userspace-mode) connection may be unknown
 
 T = TypeVar("T")
 
@@ -52,6 +55,9 @@ class SelfNode:
     tags: tuple[str, ...]
     cert_domains: tuple[str, ...]
     backend_state: str
+    # False when tailscaled runs with --tun=userspace-networking: the tailnet IPs are not on
+    # any host interface, and incoming tailnet connections arrive forwarded from loopback.
+    tun: bool = True
 
     @property
     def is_tagged(self) -> bool:
@@ -76,6 +82,13 @@ class Peer:
     path: PathKind  # "direct": CurAddr set; "relayed": via DERP; "idle": no current path
     cur_addr: str
     relay: str
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(_norm_ip(ip)).is_loopback
+    except ValueError:
+        return False
 
 
 def _strip_prefix(addr: str) -> str:
@@ -189,12 +202,28 @@ class LocalAPI:
             tags=tuple(me.tags or ()),
             cert_domains=tuple(st.cert_domains or ()),
             backend_state=st.backend_state,
+            tun=bool(st.tun),
         )
         self._self_cache = node
         return node
 
     def whois(self, ip: str, port: int | None = None) -> Identity | None:
-        """Who is the peer at ip[:port]? None when tailscaled does not know it (404)."""
+        """Who is the peer at ip[:port]? None when tailscaled does not know it (404).
+
+        A loopback ip:port is a connection userspace-mode tailscaled forwarded to us; its proxy
+        map can lag the connection by a moment (tailscale#1616), so a 404 there is retried for
+        up to FORWARD_RETRY_S before the caller counts as unknown. Every other local process
+        stays unknown (WhoIs has no entry for it) and is refused.
+        """
+        res = self._whois_once(ip, port)
+        if res is None and port and _is_loopback(ip):
+            deadline = time.monotonic() + FORWARD_RETRY_S
+            while res is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                res = self._whois_once(ip, port)
+        return res
+
+    def _whois_once(self, ip: str, port: int | None) -> Identity | None:
         addr = _whois_addr(ip, port)
 
         def lookup(c: tslocal.Client) -> tslocal.WhoIsResponse | None:

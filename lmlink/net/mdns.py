@@ -78,7 +78,9 @@ class LanAddress:
     prefix: int
 
 
-def _iface_flags(device: str) -> int | None:
+def iface_flags(device: str) -> int | None:
+    """The interface's IFF_* flags from sysfs (public so tests can stand in for a machine's
+    interfaces), or None where they cannot be read."""
     try:
         return int(Path(f"/sys/class/net/{device}/flags").read_text().strip(), 16)
     except (OSError, ValueError):
@@ -91,7 +93,7 @@ def lan_addresses() -> list[LanAddress]:
 
     out: list[LanAddress] = []
     for adapter in ifaddr.get_adapters():
-        flags = _iface_flags(adapter.name)
+        flags = iface_flags(adapter.name)
         if flags is not None and (
             not flags & _IFF_UP
             or not flags & _IFF_MULTICAST

@@ -23,10 +23,12 @@ from typing import Any
 import grpc
 from cryptography import x509
 
+from lmlink import defaults
+from lmlink.net import proxy
 from lmlink.net.files import private_dir, write_private
 from lmlink.net.tls import IssuedCert, fingerprint, first_cert_pem
 
-CONFIG_ENV = "LMLINK_CONFIG_DIR"
+CONFIG_ENV = defaults.ENV_CONFIG_DIR
 KNOWN_SERVERS = "known_servers.json"
 
 
@@ -128,8 +130,9 @@ def fetch_server_certificate(
         _load_client_cert(ctx, client_cert)
     sni = None if _is_ip(host) else host
     try:
-        with socket.create_connection((host.strip("[]"), port), timeout=timeout,
-                                      source_address=source_address) as raw:
+        # through tailscaled's CONNECT proxy on a userspace-networking device (env, as gRPC)
+        with proxy.create_connection((host.strip("[]"), port), timeout=timeout,
+                                     source_address=source_address) as raw:
             with ctx.wrap_socket(raw, server_hostname=sni) as tls:
                 der = tls.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError) as e:

@@ -23,11 +23,12 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
+from lmlink import defaults
 from lmlink.net.localapi import LocalAPI, Peer
 
 LMLINK_TAG = "tag:lmlink"
 NAME_PREFIX = "lmlink"
-DEFAULT_PORT = 47470
+DEFAULT_PORT = defaults.GRPC_PORT
 
 PathKind = Literal["direct", "relayed", "idle", "loopback", "unknown"]
 

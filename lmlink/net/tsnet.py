@@ -1,4 +1,7 @@
-"""`--listen tsnet`: an embedded tailnet node inside the process, via tailscale-py.
+"""`--listen tsnet` fallback: an embedded tailnet node inside the process, via tailscale-py.
+
+Used only when no `tailscaled` binary is available: lmlink.net.tsnet_child (a private
+userspace tailscaled) is preferred because it sees WhoIs users and grants; this one does not.
 
 tailscale-py (tailscale-rs bindings, alpha) needs Python >= 3.12, so it is an optional extra
 (`pip install 'lmlink[tsnet]'`) imported only when this mode is used; without it, every entry
@@ -14,7 +17,8 @@ owner-less path only: local shares keyed by node name or tag (`Policy.local_gran
 
 The node's state is one key file, `<state_dir>/tsnet-keys.json` (0600, dir 0700). The auth
 key comes from a file or `$TS_AUTHKEY`; the control URL may point at Headscale.
-Nothing in lmlink's tests joins a real control plane (none is reachable here).
+lmlink's tests never join a control plane with it (tailscale-py needs a control server with a
+public certificate); the real-tailnet tests use the tailscaled child instead.
 """
 
 from __future__ import annotations

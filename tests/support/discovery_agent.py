@@ -7,6 +7,8 @@ wall-clock time it was seen), and answers JSON commands read from stdin, one per
       -> lmlink.client.discovery.adiscover, then select_endpoint and a streamed generation
          from the selected server with the real lmlink.client.Client (verifying the
          advertised fingerprint)
+  {"cmd": "first_answer", "name": "lmlink-studio"}
+      -> a new MdnsBrowser: seconds from its start to the answer naming that server
   {"cmd": "connect", "target": "...", "fingerprint": "..."}
       -> Client(target, expected_fingerprint=...).server_info(): ok or the error
   {"cmd": "quit"}
@@ -73,6 +75,17 @@ async def handle(cmd: dict[str, Any]) -> dict[str, Any]:
             stream, chosen.target, chosen.advertised_fingerprint or None
         )
         return out
+    if cmd["cmd"] == "first_answer":  # a client that starts browsing now: how soon an answer
+        t0 = time.monotonic()
+
+        async def first() -> float:
+            async with MdnsBrowser() as fresh:
+                async for ev in fresh.events():
+                    if ev.kind == "added" and ev.instance.startswith(cmd["name"] + "."):
+                        return time.monotonic() - t0
+            raise RuntimeError("browser ended")
+
+        return {"type": "first_answer", "seconds": round(await asyncio.wait_for(first(), 10), 3)}
     if cmd["cmd"] == "connect":
         return {"type": "connect", **await asyncio.to_thread(connect, cmd["target"], cmd["fingerprint"])}
     return {"type": "error", "message": f"unknown command {cmd!r}"}

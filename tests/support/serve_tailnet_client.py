@@ -3,7 +3,7 @@
 Talks to a real `lmlink serve --listen tailscaled` through the real WireGuard tunnel using only
 the product's public client (`lmlink.client.Client`, which pins the server certificate on first
 use). To appear as different tailnet peers it switches the route's source address before each
-fresh connection (as tests/support/tunnel_client.py does). The HTTP bridge is checked over
+fresh connection. The HTTP bridge is checked over
 HTTPS with the standard library, verifying the certificate against the server's announced
 fingerprint (no pin store involved).
 """

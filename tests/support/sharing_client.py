@@ -229,6 +229,12 @@ def quota_and_recovery() -> dict[str, Any]:
                         "max_tokens": 5})
     out["http_recovered"] = r.status_code
     http.close()
+    # A whole minute later, four streams at once: each is admitted with the whole budget in
+    # view, together they overdraw it, and the ones over it are cut mid-answer.
+    time.sleep(CFG["minute_seconds"] + 0.2)
+    t1 = time.monotonic()
+    streams = [LongStream(ci, 30) for _ in range(4)]
+    out["overdraw"] = [s.outcome(t1) for s in streams]
     ci.close()
     return out
 

@@ -14,49 +14,24 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+from lmlink import defaults
 
-
-class AccessCliError(Exception):
-    """An expected failure (exit 1): not the owner, server unreachable, state unreadable."""
-
-
-class UsageError(Exception):
-    """Bad input (exit 2)."""
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """argparse prints usage + error; these commands print the error alone, on one line."""
-
-    def error(message: str) -> NoReturn:
-        print(f"{parser.prog}: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-    parser.error = error  # type: ignore[method-assign]
-    known = parser.parse_known_args
-
-    def strict(args: Any = None, namespace: Any = None) -> Any:
-        ns, extras = known(args, namespace)
-        if extras:  # otherwise the top-level parser reports them, with its usage line
-            error(f"unrecognized arguments: {' '.join(extras)}")
-        return ns, extras
-
-    parser.parse_known_args = strict  # type: ignore[method-assign]
+from .common import EXIT_OK, EXIT_USAGE, CliError, host_port, number, usage_error
 
 
 def _target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None,
                    help="the server's state dir (default: same as `lmlink serve`: "
                    "$LMLINK_STATE_DIR or the platform's per-user state dir)")
-    p.add_argument("--server", default=None, metavar="HOST:PORT",
+    p.add_argument("--server", default=None, metavar="HOST:PORT", type=host_port,
                    help="manage a running server over the tailnet instead (you must be its owner)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=number(0.0, low_open=True), default=10.0, metavar="S", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def add_parsers(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     share = sub.add_parser(
         "share", help="share models with teammates: add, list, revoke local grants",
         description="Local shares add to the tailnet policy's grants: a caller may do what any "
@@ -110,12 +85,11 @@ def add_parsers(sub: Any) -> None:
     usage.add_argument("--since", default=None, metavar="WHEN",
                        help="a duration back from now (24h, 7d) or a date (2026-08-01)")
 
-    for p in (share, add, lst, rev, token, create, tlist, trev, usage):
-        _one_line_errors(p)
     for p in (add, lst, rev, create, tlist, trev, usage):
         _target_flags(p)
-    share.set_defaults(_usage=share)
-    token.set_defaults(_usage=token)
+    share.set_defaults(_usage=share, run=cmd_share)
+    token.set_defaults(_usage=token, run=cmd_token)
+    usage.set_defaults(run=cmd_usage)
 
 
 # ----- running a command, locally or on a server ------------------------------------------
@@ -134,7 +108,7 @@ def _check_owner(state: Path) -> None:
     except FileNotFoundError:
         return
     if os.geteuid() != 0 and st.st_uid != os.geteuid():
-        raise AccessCliError(
+        raise CliError(
             f"{state} belongs to another user; only the node owner (who runs lmlink serve) "
             "may manage its shares, tokens and usage"
         )
@@ -143,7 +117,7 @@ def _check_owner(state: Path) -> None:
 def _run(args: argparse.Namespace, command: str, payload: dict[str, Any], *, writes: bool) -> dict[str, Any]:
     if args.server:
         if args.state_dir:
-            raise UsageError("give --state-dir or --server, not both")
+            raise usage_error("give --state-dir or --server, not both")
         return _remote(args, command, payload)
     import time
 
@@ -154,8 +128,10 @@ def _run(args: argparse.Namespace, command: str, payload: dict[str, Any], *, wri
     try:  # bad input fails here, before the state dir is touched
         validate(command, payload, now=time.time())
     except ShareError as exc:
-        raise UsageError(str(exc)) from None
+        raise usage_error(str(exc)) from None
     state = _state_dir(args)
+    if args.state_dir and not writes and not state.is_dir():  # a typo is not "no shares"
+        raise CliError(f"no state dir at {state} (check --state-dir)")
     _check_owner(state)
     if not writes and not (state / DB_NAME).exists():  # nothing recorded yet: create nothing
         empty: dict[str, dict[str, Any]] = {"share.list": {"shares": []}, "token.list": {"tokens": []},
@@ -164,7 +140,9 @@ def _run(args: argparse.Namespace, command: str, payload: dict[str, Any], *, wri
     try:
         store = Store(state)
     except StoreError as exc:
-        raise AccessCliError(str(exc)) from None
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot use state dir {state}: {exc.strerror or exc}") from None
     try:
         result = run(LocalBooks(store), command, payload, actor=_local_actor())
         if writes:  # the change is in the audit table; mirror it into audit.jsonl
@@ -172,9 +150,9 @@ def _run(args: argparse.Namespace, command: str, payload: dict[str, Any], *, wri
 
             export_audit(store, state / AUDIT_FILE)
     except NotFound as exc:
-        raise AccessCliError(str(exc)) from None
+        raise CliError(str(exc)) from None
     except ShareError as exc:
-        raise UsageError(str(exc)) from None
+        raise usage_error(str(exc)) from None
     finally:
         store.close()
     return result
@@ -200,22 +178,22 @@ def _remote(args: argparse.Namespace, command: str, payload: dict[str, Any]) -> 
     try:
         security = channel_security(target)
     except LmlinkError as exc:
-        raise AccessCliError(str(exc)) from None
+        raise CliError(str(exc)) from None
     channel = (grpc.secure_channel(target, security.credentials, options=security.options)
                if security.credentials is not None else grpc.insecure_channel(target))
     try:
         stub = admin_pb2_grpc.AdminStub(channel)
-        token = os.environ.get("LMLINK_TOKEN")
+        token = os.environ.get(defaults.ENV_TOKEN)
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         reply = stub.Run(admin_pb2.AdminRequest(command=command, arguments_json=json.dumps(payload)),
                          timeout=args.timeout, metadata=metadata)
     except grpc.RpcError as exc:
         err = from_rpc_error(exc, target)
         if err.code == grpc.StatusCode.INVALID_ARGUMENT:  # bad input, nothing changed
-            raise UsageError(str(err)) from None
+            raise usage_error(str(err)) from None
         if err.code == grpc.StatusCode.UNIMPLEMENTED:
-            raise AccessCliError(f"{target} does not offer remote administration") from None
-        raise AccessCliError(str(err)) from None
+            raise CliError(f"{target} does not offer remote administration") from None
+        raise CliError(str(err)) from None
     finally:
         channel.close()
     return json.loads(reply.result_json)
@@ -259,10 +237,14 @@ def cmd_share(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(out["revoked"], indent=2))
         else:
+            wanted = set(args.models)
             for s in out["revoked"]:
-                print(f"revoked share #{s['id']} ({s['principal']}: {', '.join(s['models'])})")
+                models = [m for m in s["models"] if not wanted or m in wanted]
+                print(f"revoked share #{s['id']} ({s['principal']}: {', '.join(models)})")
+            for s in out.get("kept", []):
+                print(f"kept {', '.join(s['models'])} for {s['principal']} as share #{s['id']}")
         return EXIT_OK
-    raise UsageError(f"unknown share action {action!r}")
+    raise usage_error(f"unknown share action {action!r}")
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -300,7 +282,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             for t in out["revoked"]:
                 print(f"revoked token {t['id']} ({t['name']})")
         return EXIT_OK
-    raise UsageError(f"unknown token action {action!r}")
+    raise usage_error(f"unknown token action {action!r}")
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -336,25 +318,3 @@ def _expiry_text(s: dict[str, Any]) -> str:
         return ""
     when = dt.datetime.fromisoformat(s["expires_at"]).astimezone()
     return f", expires {when:%Y-%m-%d %H:%M}"
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "share": cmd_share,
-    "token": cmd_token,
-    "usage": cmd_usage,
-}
-
-
-def dispatch(args: argparse.Namespace) -> int:
-    """Run one access command with its own one-line error handling (exit 1 / 2)."""
-    name = args.command
-    sub = getattr(args, f"{name}_command", None)
-    prog = f"lmlink {name}" + (f" {sub}" if sub else "")
-    try:
-        return COMMANDS[name](args)
-    except UsageError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except AccessCliError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE

@@ -1,0 +1,1 @@
+"""A real tailnet in network namespaces: headscale (control + embedded DERP/STUN) and tailscaled nodes."""
