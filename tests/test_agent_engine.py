@@ -281,3 +281,16 @@ async def test_a_prebuilt_request_carries_the_clients_token(server):
     async with AsyncClient(server.address, timeout=60) as client:
         events = [e async for e in client.stream_request(req)]
         assert events[-1].usage.completion_tokens == 2
+
+
+def test_constrained_requests_do_not_speculate(engine):
+    """The grammar processor has state, so it must never see draft tokens that may be rejected:
+    a constrained request asking for speculation decodes without drafts and stays valid, while
+    the same prompt unconstrained does draft (prompt lookup finds the repeated text)."""
+    prompt = 'Copy this: {"city": "Oslo", "days": 3, "unit": "C", "tags": []} ' * 4
+    free = run(engine, ask(prompt, sampling=SamplingOptions(max_tokens=60, speculate=True, ignore_eos=True)))
+    assert completed(free).draft_tokens > 0
+    fmt = ResponseFormat("json_schema", json.dumps(SCHEMA))
+    events = run(engine, ask(prompt, response_format=fmt, sampling=SamplingOptions(max_tokens=300, speculate=True)))
+    assert completed(events).draft_tokens == 0
+    jsonschema.validate(json.loads(text(events)), SCHEMA)
