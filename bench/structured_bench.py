@@ -57,8 +57,10 @@ def run(engine: Engine, streams: int, tokens: int, schema: bool, seed: int) -> f
     for i in range(streams):
         req = GenerationRequest(
             "", messages=(ChatTurn("user", f"Write notes about topic {i}, take {seed} {schema}."),),
+            # No speculation for either: constrained requests never speculate, and drafts
+            # would change the free side's speed for reasons unrelated to the mask.
             sampling=SamplingOptions(temperature=1.0, seed=seed * 100 + i, max_tokens=tokens,
-                                     ignore_eos=not schema),
+                                     ignore_eos=not schema, speculate=False),
             response_format=fmt,
         )
         sink = Sink()
