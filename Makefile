@@ -22,7 +22,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/*/openblas-pthread/libblas.so.3))
 # One BLAS thread: the engine already keeps a second core busy (measured faster on 2 cores).
 RUN_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) OPENBLAS_NUM_THREADS=1)
 
-.PHONY: setup serve test test-reference bench proto clean tailnet-tools
+.PHONY: setup serve test test-reference bench proto clean fuzz tailnet-tools
 
 $(STAMP): pyproject.toml scripts/system-packages.txt
 	./scripts/install-system-deps.sh
@@ -57,6 +57,13 @@ test-reference: $(REF_STAMP)
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(RUN_ENV) $(PY) bench/run.py $(ARGS)
+
+# Coverage-guided fuzzing (atheris) of every outsider-reachable parser, FUZZ_SECONDS per target;
+# crashes land in tests/fuzz_corpus/<target>/ and are replayed by the test suite.
+FUZZ_SECONDS ?= 120
+fuzz: setup
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[fuzz]"
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(RUN_ENV) $(PY) scripts/fuzz.py --all $(FUZZ_SECONDS)
 
 proto: setup
 	PYTHON=$(PY) ./scripts/gen_proto.sh

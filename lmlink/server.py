@@ -324,19 +324,22 @@ async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions,
          reflection.SERVICE_NAME),
         server,
     )
-    # In tailnet modes the servers bind a private loopback port (any) and a relay takes the
-    # public port; in local mode they bind the public port directly.
+    # In tailnet modes the servers listen on unix sockets in a private directory and a relay
+    # takes the public port (lmlink.net.inner); in local mode they bind the public port directly.
+    relayed = door.mode != "local"
     bind = door.bind_host
     host = f"[{bind}]" if ":" in bind else bind
-    bind_port = 0 if door.mode != "local" else options.grpc_port
-    check_bindable(bind, bind_port)
+    where = door.inner.grpc_target if relayed else f"{host}:{options.grpc_port}"
+    if not relayed:
+        check_bindable(bind, options.grpc_port)
     try:
         if door.grpc_credentials is None:
-            port = server.add_insecure_port(f"{host}:{bind_port}")
+            bound = server.add_insecure_port(where)
         else:
-            port = server.add_secure_port(f"{host}:{bind_port}", door.grpc_credentials)
+            bound = server.add_secure_port(where, door.grpc_credentials)
     except RuntimeError as exc:
-        raise ServeError(f"cannot listen on {host}:{bind_port}: {exc}") from exc
+        raise ServeError(f"cannot listen on {where}: {exc}") from exc
+    port: int | str = door.inner.grpc_path if relayed else bound
 
     async def set_health(serving: bool) -> None:
         state = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -364,10 +367,13 @@ async def build_http(core: Core, door: FrontDoor, options: ServeOptions,
     if options.http_port is None:
         yield None
         return
-    bind_port = 0 if door.mode != "local" else options.http_port
+    from lmlink.net.httpserver import uvicorn_options
+
+    relayed = door.mode != "local"  # then: a unix socket in the private dir (lmlink.net.inner)
+    bind_port = 0 if relayed else options.http_port
     host = f"[{door.bind_host}]" if ":" in door.bind_host else door.bind_host
     try:
-        sock = bind_socket(door.bind_host, bind_port)
+        sock = door.inner.http_socket() if relayed else bind_socket(door.bind_host, bind_port)
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{bind_port}: {exc.strerror}") from None
     # Plaintext loopback (local mode) is what DNS rebinding reaches: only loopback names.
@@ -375,7 +381,9 @@ async def build_http(core: Core, door: FrontDoor, options: ServeOptions,
     allowed_hosts = (*LOOPBACK_NAMES, door.bind_host) if door.http_tls_files is None else None
     bridge = HttpBridge(core, BridgeOptions(allowed_hosts=allowed_hosts,
                                             allowed_origins=options.allowed_origins), views)
-    listener = HttpListener(bridge.app(), sock, door.http_tls_files)
+    # limits against connection abuse; mTLS when --require-client-cert (lmlink.net.httpserver)
+    listener = HttpListener(bridge.app(), sock, door.http_tls_files,
+                            uvicorn_options(door.http_client_ca))
     await listener.start()
     try:
         try:

@@ -67,7 +67,9 @@ async def run_link(options: LinkOptions, *,
 
     router.prefs_file = config_path()
     link = LinkApp(router, allowed_origins=options.allowed_origins)
-    listener = HttpListener(link.app(), sock)
+    from lmlink.net.httpserver import uvicorn_options
+
+    listener = HttpListener(link.app(), sock, None, uvicorn_options())  # head caps, timeouts
     await router.start()
     await listener.start()
     stopped = asyncio.Event()
