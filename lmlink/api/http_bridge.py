@@ -28,7 +28,9 @@ from lmlink.engine.types import (
     SamplingOptions,
 )
 
+from .agent_doors import AGENT_PATHS, agent_routes
 from .conversations import ConversationStore
+from .core_backend import CoreBackend
 from .core import Core, Generation
 from .errors import CallError, ErrorKind
 from .http_shell import (
@@ -41,8 +43,10 @@ from .http_shell import (
     read_body,
     unless_disconnected,
 )
+from .door_common import ResponseStore
 from .http_resume import StreamRoutes, sse
 from .limits import Caller
+from .openai_agent import Extras
 from .openai_schema import (
     ApiError,
     CompletionCall,
@@ -85,6 +89,7 @@ class HttpBridge:
             max_conversations=self.options.max_conversations,
             ttl_seconds=self.options.conversation_ttl_seconds,
         )
+        self.responses = ResponseStore()  # previous_response_id state, bounded per caller
         self._started = int(time.time())
         self.views = views or StatusViews(core)
 
@@ -98,12 +103,14 @@ class HttpBridge:
                 Route("/v1/shortcuts/ask", self.shortcuts_ask, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
                 *StreamRoutes(self.core, self.options.keepalive_seconds).routes(),
+                # Responses and Anthropic Messages: door modules over the same call core.
+                *agent_routes(CoreBackend(self.core, self.options.keepalive_seconds), self.responses),
                 *self.views.routes(self._caller),
             ],
             allowed_hosts=self.options.allowed_hosts,
             allowed_origins=self.options.allowed_origins,
             # The Shortcut endpoint also takes forms and text; the Origin check guards it.
-            json_paths=("/v1/chat/completions", "/v1/completions"),
+            json_paths=("/v1/chat/completions", "/v1/completions", *AGENT_PATHS),
         )
 
     async def _caller(self, request: Request) -> Caller:
@@ -139,13 +146,14 @@ class HttpBridge:
             tap = self.core.stream(gen, kind=call.kind, include_usage=call.include_usage)
             return EventStream(sse(tap, 0, self.options.keepalive_seconds, opening=True),
                                headers, on_close=tap.release)
+        extras = Extras()  # text, tool calls and logprobs
         async with gen:
             try:
-                text, done = await unless_disconnected(request.receive, gen.collect())
+                done = await unless_disconnected(request.receive, extras.collect(gen))
             except ClientGone:
                 return Response(status_code=499)  # nobody is listening; the slot is already free
-        body = completion_body(call.kind, gen.request_id, gen.created, gen.model, text,
-                               done.finish_reason, done)
+        body = completion_body(call.kind, gen.request_id, gen.created, gen.model, extras.text,
+                               done.finish_reason, done, extras)
         return JSONResponse(body, headers=headers)
 
     async def list_models(self, request: Request) -> Response:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lmlink.engine.types import Completed, PromptProgress, TokenDelta
+from lmlink.engine.types import Completed, PromptProgress, TokenDelta, ToolCallEvent
 
 from .core import Core
 from .errors import CallError, ErrorKind
@@ -53,9 +53,10 @@ async def sse(tap: Tap, after: int, keepalive: float, *, opening: bool) -> Async
                         yield error_event(tap.error) + DONE
                     return
                 for n, event in batch:
-                    if isinstance(event, TokenDelta):
-                        if event.text:
-                            out.append(event_id(rid, n) + encoder.delta(event.text))
+                    if isinstance(event, (TokenDelta, ToolCallEvent)):
+                        chunk = encoder.event(event)  # text (+ logprobs) or a tool call
+                        if chunk:
+                            out.append(event_id(rid, n) + chunk)
                     elif isinstance(event, PromptProgress):
                         out.append(b": prompt %d/%d\n\n" % (event.processed_tokens,
                                                             event.total_tokens))

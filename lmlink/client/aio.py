@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
@@ -142,6 +143,18 @@ class AsyncClient(BaseClient):
         **options: Any,
     ) -> AsyncGenerationStream:
         request = self._generate_request(messages, prompt, options)
+        stream = AsyncGenerationStream(self, request, timeout)
+        stream._state.retry_before_first_event = retry_before_first_event
+        return stream
+
+    def stream_request(
+        self, request: pb.GenerateRequest, *, timeout: float | None = None,
+        retry_before_first_event: bool = True,
+    ) -> AsyncGenerationStream:
+        """Stream a prebuilt request (the link forwards whole requests, every field), with the
+        same deadline and credentials as `stream`."""
+        if not request.request_id:  # known before the first event: resumable, cancellable
+            request.request_id = f"req-{uuid.uuid4().hex[:20]}"
         stream = AsyncGenerationStream(self, request, timeout)
         stream._state.retry_before_first_event = retry_before_first_event
         return stream
