@@ -37,6 +37,7 @@ TIERS: dict[str, tuple[str, ...]] = {
     "test_discovery_netns.py": ("netns",),
     "test_discovery_tailnet.py": ("netns", "real_tailnet"),
     "test_net_netns.py": ("netns",),
+    "test_link_denied_netns.py": ("netns",),
     "test_serve_tailnet.py": ("netns", "real_tailnet"),
     "test_sharing_tailnet.py": ("netns", "real_tailnet"),
     "test_cluster.py": ("cluster", "slow"),
