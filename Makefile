@@ -11,7 +11,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/*/openblas-pthread/libblas.so.3))
 # One BLAS thread: the engine already keeps a second core busy (measured faster on 2 cores).
 RUN_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS) OPENBLAS_NUM_THREADS=1)
 
-.PHONY: setup serve test bench proto clean tailnet-tools
+.PHONY: setup serve test bench proto clean tailnet-tools rebuild-builtin
 
 $(STAMP): pyproject.toml scripts/system-packages.txt
 	./scripts/install-system-deps.sh
@@ -35,6 +35,12 @@ test: setup tailnet-tools
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(RUN_ENV) $(PY) bench/run.py $(ARGS)
+
+# Rebuild the shipped toy model from data/corpus in a scratch dir and compare byte for byte
+# (the script pins BLAS threads and kernel itself; ~10 min idle, ~30 min on a busy 2-core VM).
+# `make test` checks the same build up to its first checkpoint (tests/test_builtin_model.py).
+rebuild-builtin: setup
+	$(PY) scripts/build_builtin_model.py --check lmlink/engine/builtin_model
 
 proto: setup
 	PYTHON=$(PY) ./scripts/gen_proto.sh

@@ -45,7 +45,6 @@ TIERS: dict[str, tuple[str, ...]] = {
     "test_link.py": ("slow",),
     "test_link_latency.py": ("slow",),
     "test_sharing_restart.py": ("slow",),
-    "test_builtin_model.py::test_build_script_is_deterministic": ("slow",),
 }
 
 
