@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """lmlink vs mlx_lm.server, same model, same machine, same run.
 
-    python bench/run.py [--model builtin|PATH] [--quick] [--json out.json]
+    python bench/run.py [--model builtin|PATH | --real] [--quick] [--json out.json]
 
 Serves the model with `mlx_lm.server` (OpenAI-style HTTP, SSE streaming) and with
 `lmlink serve` (gRPC, real `lmlink.client.AsyncClient`), both as subprocesses on loopback,
@@ -71,7 +71,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="OPENBLAS_NUM_THREADS for every MLX process (default 1: on 2 cores a "
                          "second BLAS thread only competes with the servers' own threads; "
                          "0 = OpenBLAS's default)")
+    ap.add_argument("--real", action="store_true",
+                    help="SmolLM2-135M-Instruct (the packaged GGUF, converted once to a cached "
+                         "MLX dir both servers load); defaults --max-tokens 32 "
+                         "--phase-seconds 20 --reps 2 --levels 1,8 (see real_model.py)")
     args = ap.parse_args(argv)
+    if args.real:
+        from real_model import REAL_DEFAULTS
+
+        for key, value in REAL_DEFAULTS.items():
+            if getattr(args, key) in (None, ap.get_default(key)):
+                setattr(args, key, value)
     args.levels = sorted({int(x) for x in args.levels.split(",") if x.strip()} | {1})
     if args.phase_seconds is None:
         args.phase_seconds = 3.0 if args.quick else 6.0
@@ -365,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     t_begin = time.perf_counter()
+    if args.real:
+        from real_model import prepare
+
+        args.model = prepare(eprint)
     model_path = resolve_model(args.model)
     env, blas = server_env(args.blas, args.blas_threads)
     machine = machine_facts(blas)

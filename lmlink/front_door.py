@@ -1,9 +1,11 @@
 """How callers reach a running server, per listen mode.
 
-`local`: the gRPC and HTTP servers bind loopback directly, plaintext, every caller is the owner.
-`tailscaled` / `tsnet`: the servers bind a private loopback port with TLS, and a relay on the
-tailnet addresses accepts connections, asks WhoIs who the peer is, refuses strangers, and pipes
-the still-encrypted bytes inward while `PeerIdentities` tells the servicers who is calling.
+`local`: the gRPC and HTTP servers bind loopback directly, plaintext; the server's own Unix
+user is the owner, other local users are not (`LocalUserGate`).
+`tailscaled` / `tsnet`: the servers listen with TLS on unix sockets in a private directory
+(`lmlink.net.inner`), and a relay on the tailnet addresses accepts connections, asks WhoIs who
+the peer is, refuses strangers, and pipes the still-encrypted bytes inward while
+`PeerIdentities` tells the servicers who is calling.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class FrontDoor:
     bind_host: str
     grpc_credentials: grpc.ServerCredentials | None = None
     http_tls_files: tuple[Path, Path] | None = None
+    http_client_ca: Path | None = None  # --require-client-cert: the HTTP bridge requires it too
+    inner: Any = None  # tailnet modes: lmlink.net.inner.InnerHop, the servers' private sockets
     fingerprint: str = ""
     public_hosts: list[str] = field(default_factory=list)
     # Ask the tailnet again who a caller is (grants change while connections stay open).
@@ -70,8 +74,9 @@ class FrontDoor:
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _tmp: Any = None
 
-    async def expose(self, internal_port: int, public_port: int) -> str:
-        """The public address for a server bound at `internal_port` (relayed in tailnet modes)."""
+    async def expose(self, internal_port: int | str, public_port: int) -> str:
+        """The public address for a server bound at `internal_port` (relayed in tailnet modes;
+        then `internal_port` is the inner unix socket path)."""
         if self._expose is None:
             host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
             return f"{host}:{internal_port}"
@@ -84,20 +89,53 @@ class FrontDoor:
             self._tmp.cleanup()
 
 
+class LocalUserGate(LoopbackGate):
+    """Local mode: the server's own user is the owner; other users of the machine are not.
+
+    Loopback is reachable by every account on the machine. On Linux the kernel tells which
+    uid holds the client end of each loopback connection (lmlink.net.peercred); a caller of
+    another uid gets a non-owner identity ("uid:N"), which has no grants unless the owner
+    shares with it. Where the kernel cannot tell (macOS), every local caller stays the owner
+    (see README, Security).
+    """
+
+    def identify(self, peer: str) -> Identity | None:
+        from lmlink.access.identity import loopback_owner
+        from lmlink.api.gate import is_loopback_peer
+        from lmlink.net import peercred
+
+        if not is_loopback_peer(peer):
+            return None
+        if peer.startswith("unix:") or not peercred.supported():
+            return loopback_owner()
+        uid = peercred.loopback_caller_uid(peer)
+        if uid is not None and uid == os.getuid():
+            return loopback_owner()
+        who = f"uid:{uid}" if uid is not None else "uid:unknown"
+        return Identity(login_name=who, display_name="another local user", source="loopback")
+
+
 def local_door(host: str) -> FrontDoor:
     if host not in LOOPBACK_HOSTS:
         raise FrontDoorError(f"local mode only listens on loopback, not {host!r}")
-    return FrontDoor("local", LoopbackGate().identify, host)
+    from lmlink.net import peercred
+
+    if not peercred.supported():
+        log.warning("local mode: this platform cannot tell which local user connects; every "
+                    "local process is treated as the owner")
+    return FrontDoor("local", LocalUserGate().identify, host)
 
 
 async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
     """Set up TLS material, identities and the relay for `tailscaled` or `tsnet` mode."""
     from lmlink.net.listeners import ListenError, tailnet_ips, tailscaled_bind_hosts
     from lmlink.net.localapi import LocalAPI, LocalAPIError
-    from lmlink.net.relay import PeerIdentities, Relay
+    from lmlink.net.inner import InnerHop
+    from lmlink.net.relay import PeerIdentities, Relay, WhoIsPool
     from lmlink.net.tls import TLSMaterialError, server_credentials, server_tls
 
     identities = PeerIdentities()
+    pool: WhoIsPool | None = None
     resolve: Callable[[str, int], Awaitable[Identity | None]]
     closers: list[Callable[[], Awaitable[None]]] = []
     node: Any = None
@@ -123,7 +161,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
             hosts = tailscaled_bind_hosts(api)  # loopback under userspace-networking tailscaled
             public = tailnet_ips(api)  # what clients dial (and the certificate names)
             tls = server_tls(settings.state_dir, [me.dns_name, *public], localapi=api)
-            resolve = api.awhois
+            pool = WhoIsPool(api.whois)  # not the default executor (see WhoIsPool)
+            resolve = pool
             owner_login = "" if me.is_tagged else me.login_name
 
             async def refresh(identity: Identity) -> Identity | None:
@@ -162,9 +201,17 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
     tmp = tempfile.TemporaryDirectory(prefix="lmlink-tls-")
     os.chmod(tmp.name, 0o700)
     http_files = tls.write_files(tmp.name)
+    client_ca = None
+    if settings.require_client_cert:
+        client_ca = Path(tmp.name) / "client-ca.pem"
+        client_ca.write_bytes(tls.client_ca_pem)
+    inner = InnerHop(Path(tmp.name) / "inner")
+    if pool is not None:
+        closers.append(pool.aclose)
 
-    async def expose(internal_port: int, public_port: int) -> list[str]:
-        relay = Relay(("127.0.0.1", internal_port), resolve, identities)
+    async def expose(internal: int | str, public_port: int) -> list[str]:
+        relay = Relay(internal if isinstance(internal, str) else ("127.0.0.1", internal),
+                      resolve, identities)
         closers.append(relay.aclose)
         if node is not None:
             import asyncio
@@ -191,6 +238,8 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
         bind_host="127.0.0.1",
         grpc_credentials=server_credentials(tls, require_client_cert=settings.require_client_cert),
         http_tls_files=http_files,
+        http_client_ca=client_ca,
+        inner=inner,
         fingerprint=tls.fingerprint,
         public_hosts=list(public),
         refresh=refresh,

@@ -20,6 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lmlink import sdnotify
+from lmlink.api.admission import Refusal
 from lmlink import defaults
 from lmlink.api.core import Core, ServerFacts
 from lmlink.api.gate import Gate
@@ -27,6 +29,7 @@ from lmlink.api.grpc_service import InferenceService, add_servicer
 from lmlink.api.http_bridge import BridgeOptions, HttpBridge
 from lmlink.api.http_shell import LOOPBACK_NAMES, HttpListener, bind_socket
 from lmlink.api.limits import open_guard
+from lmlink.api.status_door import StatusViews
 from lmlink.api.models import ModelManager
 from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
@@ -69,6 +72,9 @@ class ServeOptions:
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
     cluster: Any = None  # cluster rank 0: has make_engine(progress) -> Engine (lmlink.cluster)
     idle_ttl: float = 0.0  # unload models idle this many seconds (0: never)
+    # On SIGTERM/SIGINT: stop admitting, let running streams finish this long, then cut them.
+    drain_timeout: float = 30.0
+    metrics_port: int | None = None  # loopback-only /metrics for a local Prometheus (no auth)
     # Browser UIs (origins like "http://localhost:3000") allowed to call the HTTP bridge.
     allowed_origins: tuple[str, ...] = field(default_factory=lambda: env_list(defaults.ENV_ALLOWED_ORIGINS))
 
@@ -91,6 +97,8 @@ class ServeOptions:
                 max_batch_size=get("max_batch", 32),
                 max_queue=get("max_queue", 1024),
                 default_max_tokens=max(1, get("default_max_tokens", 512)),
+                speculate=get("speculate") or "prompt-lookup",
+                draft_model=get("draft_model"),
             ),
             stream_pace_ms=get("stream_pace_ms", 10.0),
             tailnet=TailnetSettings(
@@ -104,6 +112,8 @@ class ServeOptions:
             audit_prompts=bool(get("audit_prompts", False)),
             mdns=not get("no_mdns", False),
             idle_ttl=get("idle_ttl", 0.0),
+            drain_timeout=get("drain_timeout", 30.0),
+            metrics_port=get("metrics_port"),
         )
         if get("name"):
             options.name = get("name")
@@ -186,9 +196,12 @@ async def serve(
         guard.start()
         stack.push_async_callback(guard.aclose)
         core = Core(models, guard, ServerFacts(name=options.name, listen_mode=options.listen))
-        grpc_address, health = await stack.enter_async_context(build_grpc(core, door, options))
-        http_address = await stack.enter_async_context(build_http(core, door, options))
-        stopped = _stop_on_signals()
+        views = StatusViews(core)
+        grpc_address, health = await stack.enter_async_context(build_grpc(core, door, options, views))
+        http_address = await stack.enter_async_context(build_http(core, door, options, views))
+        if options.metrics_port is not None:
+            stack.callback(start_metrics_port(views, options.metrics_port))
+        signals = _Signals()
         advertiser = None
         if options.mdns:
             from lmlink.net.mdns import start_for_server
@@ -208,9 +221,60 @@ async def serve(
             await advertiser.serving(lambda: [e.model_id for e in models.engines()])
         log.info("serving %s on %s (listen mode %s)", engine.model_id, grpc_address, options.listen)
         if on_ready:
-            on_ready(RunningServer(grpc_address, models.registry, stopped, http_address,
+            on_ready(RunningServer(grpc_address, models.registry, signals.stopped, http_address,
                                    door.fingerprint))
-        await stopped.wait()
+        sdnotify.ready(f"serving {engine.model_id} on {grpc_address}")
+        await signals.wait()
+        if not signals.stopped.is_set():  # a signal, not a caller of `stopped`: drain first
+            await health(False)
+            if advertiser is not None:
+                await advertiser.aclose()  # mDNS goodbye: browsers drop us at once
+            await drain(core, views, options.drain_timeout, signals.stopped)
+
+
+async def drain(core: Core, views: StatusViews, timeout: float, hurry: asyncio.Event) -> int:
+    """Graceful stop: refuse new and waiting calls, let running ones finish for `timeout`
+    seconds (or until `hurry` is set: a second signal), then end the rest with UNAVAILABLE.
+    Every call still ends through its lease, so audit rows close. Returns how many were cut."""
+    core.draining = views.draining = True
+    running = core.guard.running_calls
+    sdnotify.stopping(f"draining {running} streams")
+    log.warning("shutting down: %d running streams may finish within %.0f s "
+                "(signal again to stop now)", running, timeout)
+    core.guard.shut(_shutdown_refusal(core, "waiting"), waiting_only=True)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while core.guard.running_calls and not hurry.is_set():
+                await asyncio.sleep(0.05)
+    cut = core.guard.shut(_shutdown_refusal(core, "running")) if core.guard.running_calls else 0
+    end = asyncio.get_running_loop().time() + 2.0
+    while any(e.stats().active for e in core.models.engines()) and asyncio.get_running_loop().time() < end:
+        await asyncio.sleep(0.02)
+    if cut:
+        log.warning("shutdown: cut %d streams still running", cut)
+    return cut
+
+
+def _shutdown_refusal(core: Core, what: str) -> Refusal:
+    why = ("before its turn" if what == "waiting" else "before this answer finished")
+    return Refusal("unavailable", f"{core.facts.name} shut down {why}; retry on another server or later",
+                   retry_after=5.0, code="server_shutdown", outcome="cancelled")
+
+
+def start_metrics_port(views: StatusViews, port: int) -> Callable[[], None]:
+    """Serve the Prometheus exposition on 127.0.0.1:`port` (no identity: loopback only)."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=views.metrics.registry)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on 127.0.0.1:{port} for metrics: {exc.strerror}") from None
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join(5)
+
+    return stop
 
 
 async def _first_engine(models: ModelManager, options: ServeOptions, loaded: LoadedModel | None,
@@ -232,7 +296,8 @@ async def _first_engine(models: ModelManager, options: ServeOptions, loaded: Loa
 
 
 @contextlib.asynccontextmanager
-async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
+async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions,
+                     views: StatusViews | None = None) -> Any:
     """The gRPC server (Inference, Admin, Health, reflection), listening and exposed.
 
     Yields (public address, set_health(serving)); health is NOT_SERVING until set.
@@ -244,8 +309,14 @@ async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
         from lmlink.api.admin_service import AdminService
         from lmlink.v1 import admin_pb2, admin_pb2_grpc
 
-        add_servicer(admin_pb2_grpc.add_AdminServicer_to_server, AdminService(core.guard), server)
+        add_servicer(admin_pb2_grpc.add_AdminServicer_to_server, AdminService(core), server)
         services.append(admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name)
+    from lmlink.api.observe_service import ObserveService
+    from lmlink.v1 import observe_pb2, observe_pb2_grpc
+
+    add_servicer(observe_pb2_grpc.add_ObserveServicer_to_server,
+                 ObserveService(core, views or StatusViews(core)), server)
+    services.append(observe_pb2.DESCRIPTOR.services_by_name["Observe"].full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -253,19 +324,22 @@ async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
          reflection.SERVICE_NAME),
         server,
     )
-    # In tailnet modes the servers bind a private loopback port (any) and a relay takes the
-    # public port; in local mode they bind the public port directly.
+    # In tailnet modes the servers listen on unix sockets in a private directory and a relay
+    # takes the public port (lmlink.net.inner); in local mode they bind the public port directly.
+    relayed = door.mode != "local"
     bind = door.bind_host
     host = f"[{bind}]" if ":" in bind else bind
-    bind_port = 0 if door.mode != "local" else options.grpc_port
-    check_bindable(bind, bind_port)
+    where = door.inner.grpc_target if relayed else f"{host}:{options.grpc_port}"
+    if not relayed:
+        check_bindable(bind, options.grpc_port)
     try:
         if door.grpc_credentials is None:
-            port = server.add_insecure_port(f"{host}:{bind_port}")
+            bound = server.add_insecure_port(where)
         else:
-            port = server.add_secure_port(f"{host}:{bind_port}", door.grpc_credentials)
+            bound = server.add_secure_port(where, door.grpc_credentials)
     except RuntimeError as exc:
-        raise ServeError(f"cannot listen on {host}:{bind_port}: {exc}") from exc
+        raise ServeError(f"cannot listen on {where}: {exc}") from exc
+    port: int | str = door.inner.grpc_path if relayed else bound
 
     async def set_health(serving: bool) -> None:
         state = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -287,23 +361,29 @@ async def build_grpc(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def build_http(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
+async def build_http(core: Core, door: FrontDoor, options: ServeOptions,
+                     views: StatusViews | None = None) -> Any:
     """The HTTP bridge on the same host as gRPC (None: no bridge); yields its address."""
     if options.http_port is None:
         yield None
         return
-    bind_port = 0 if door.mode != "local" else options.http_port
+    from lmlink.net.httpserver import uvicorn_options
+
+    relayed = door.mode != "local"  # then: a unix socket in the private dir (lmlink.net.inner)
+    bind_port = 0 if relayed else options.http_port
     host = f"[{door.bind_host}]" if ":" in door.bind_host else door.bind_host
     try:
-        sock = bind_socket(door.bind_host, bind_port)
+        sock = door.inner.http_socket() if relayed else bind_socket(door.bind_host, bind_port)
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{bind_port}: {exc.strerror}") from None
     # Plaintext loopback (local mode) is what DNS rebinding reaches: only loopback names.
     # TLS listeners need no Host list: a rebound name fails the certificate check.
     allowed_hosts = (*LOOPBACK_NAMES, door.bind_host) if door.http_tls_files is None else None
     bridge = HttpBridge(core, BridgeOptions(allowed_hosts=allowed_hosts,
-                                            allowed_origins=options.allowed_origins))
-    listener = HttpListener(bridge.app(), sock, door.http_tls_files)
+                                            allowed_origins=options.allowed_origins), views)
+    # limits against connection abuse; mTLS when --require-client-cert (lmlink.net.httpserver)
+    listener = HttpListener(bridge.app(), sock, door.http_tls_files,
+                            uvicorn_options(door.http_client_ca))
     await listener.start()
     try:
         try:
@@ -315,12 +395,30 @@ async def build_http(core: Core, door: FrontDoor, options: ServeOptions) -> Any:
         await listener.stop()
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+class _Signals:
+    """SIGINT/SIGTERM: the first starts a drain, the second stops at once. Setting `stopped`
+    (tests, embedders) stops at once too."""
+
+    def __init__(self) -> None:
+        self.first = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self._count = 0
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._signal)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+                pass
+
+    def _signal(self) -> None:
+        self._count += 1
+        (self.first if self._count == 1 else self.stopped).set()
+
+    async def wait(self) -> None:
+        """Until the first signal or `stopped`, whichever comes first."""
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self.first, self.stopped)]
         try:
-            loop.add_signal_handler(sig, stopped.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
-    return stopped
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()

@@ -105,6 +105,26 @@ def test_huge_prompts_do_not_stall_anyone(small):
     assert worst and max(worst) < 1.0, f"/health took up to {max(worst):.2f} s"
 
 
+def test_clients_that_leave_at_once_leave_nothing_held(small):
+    """Send a streamed request and hang up before the answer starts, 3 x max-batch times."""
+    host, port = small.http.rsplit(":", 1)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True,
+                       "stream": True}).encode()
+    for i in range(3 * MAX_BATCH):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(body), body))
+            if i % 2:
+                s.recv(1)  # half of them wait for the response to begin
+    with Client(small.address, timeout=30) as c:
+        deadline = time.monotonic() + 10
+        while c.server_info().active_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.server_info().active_streams == 0
+        assert c.chat(ASK, max_tokens=4).finish_reason in ("stop", "length")
+
+
 def test_lone_surrogate_through_the_grpc_client_and_the_wire(small):
     with Client(small.address, timeout=30) as c:
         with pytest.raises(InvalidArgument, match="not valid Unicode"):
@@ -328,7 +348,7 @@ class TaggedDevices:
 
 async def test_a_tagged_device_cannot_cancel_another_ones_request(engine):
     from lmlink.api.core import Core, ServerFacts
-    from lmlink.api.grpc_service import InferenceService
+    from lmlink.api.grpc_service import InferenceService, add_servicer
     from lmlink.api.limits import Guard
     from lmlink.api.models import ModelManager
     from lmlink.api.streams import StreamHub
@@ -337,7 +357,7 @@ async def test_a_tagged_device_cannot_cancel_another_ones_request(engine):
     models.add(engine)
     core = Core(models, Guard(TokenGate(), None, bearer=TaggedDevices()), ServerFacts("t", "tailscaled"))
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(InferenceService(core), server)
+    add_servicer(pb_grpc.add_InferenceServicer_to_server, InferenceService(core), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     target = f"127.0.0.1:{port}"
@@ -379,3 +399,64 @@ def test_client_token_names_the_caller(tmp_path):
                 forged.list_models()
     finally:
         stop_server(srv.process)
+
+
+# ----- a grant may bound the prompt (prompt processing is the expensive part) ------------------
+
+
+async def test_a_grant_limits_prompt_tokens(engine):
+    from lmlink.access.gate import PolicyGate
+    from lmlink.access.policy import CAPABILITY
+    from lmlink.api.core import Core, ServerFacts
+    from lmlink.api.http_bridge import BridgeOptions, HttpBridge
+    from lmlink.api.http_shell import HttpListener, bind_socket
+    from lmlink.api.limits import Guard
+    from lmlink.api.models import ModelManager
+    from lmlink.api.streams import StreamHub
+
+    mate = Identity(login_name="mate@example.com", source="tailnet", node_name="mates-laptop",
+                    capabilities={CAPABILITY: [{"models": ["*"], "max_prompt_tokens": 40}]})
+    models = ModelManager(StreamHub(asyncio.get_running_loop()))
+    models.add(engine)
+    core = Core(models, Guard(PolicyGate(lambda peer: mate), None), ServerFacts("t", "tailscaled"))
+    listener = HttpListener(HttpBridge(core, BridgeOptions()).app(), bind_socket("127.0.0.1", 0))
+    await listener.start()
+    try:
+        async with openai.AsyncOpenAI(base_url=f"http://{listener.address}/v1", api_key="x",
+                                      max_retries=0) as oai:
+            short = await oai.completions.create(model="", prompt="Once upon a time", max_tokens=2)
+            assert short.usage.prompt_tokens <= 40
+            with pytest.raises(openai.BadRequestError) as err:
+                await oai.completions.create(model="", prompt="Once upon a time " * 30, max_tokens=2)
+            assert "at most 40 tokens per prompt" in err.value.message
+            again = await oai.completions.create(model="", prompt="Once", max_tokens=2)
+            assert again.usage.completion_tokens >= 1  # nothing was held by the refusal
+    finally:
+        await listener.stop()
+
+
+def test_template_and_tokenizer_failures_are_the_callers_bad_input():
+    import jinja2
+
+    from lmlink.engine.prompts import encode_prompt
+    from lmlink.engine.types import ChatTurn, GenerationRequest, InvalidRequest
+
+    class Tokenizer:
+        chat_template = "{{ raise_exception('roles must alternate') }}"
+
+        def apply_chat_template(self, messages: Any, **_: Any) -> str:
+            return jinja2.Environment().from_string(self.chat_template).render(
+                messages=messages, raise_exception=self._raise)
+
+        @staticmethod
+        def _raise(message: str) -> None:
+            raise jinja2.TemplateError(message)
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+
+    chat = GenerationRequest("c", messages=(ChatTurn("user", "hi"), ChatTurn("user", "again")))
+    with pytest.raises(InvalidRequest, match="chat template rejected.*roles must alternate"):
+        encode_prompt(Tokenizer(), chat)
+    with pytest.raises(InvalidRequest, match="cannot be tokenized: TypeError"):
+        encode_prompt(Tokenizer(), GenerationRequest("p", prompt="a\ud800b"))

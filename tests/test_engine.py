@@ -198,3 +198,100 @@ def test_concurrent_submitters(engine):
     assert len(results) == 6
     assert results[0] == results[2] == results[4]
     assert results[1] == results[3] == results[5]
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        (dict(temperature=1.0, top_k=5000), "vocabulary"),
+        (dict(temperature=1.0, top_k=2048), "vocabulary"),  # the builtin model's vocabulary
+        (dict(temperature=1.0, seed=-1), "seed"),
+        (dict(temperature=1.0, seed=1 << 64), "seed"),
+        (dict(repetition_penalty=float("inf")), "finite"),
+        (dict(repetition_penalty=1e9), "repetition_penalty"),
+        (dict(top_k=2.5), "integer"),
+        (dict(max_tokens=3.0), "integer"),
+    ],
+)
+def test_sampling_values_are_checked_against_the_model(engine, sampling, message):
+    with pytest.raises(InvalidRequest, match=message):
+        engine.submit(GenerationRequest("", prompt="hi", sampling=SamplingOptions(**sampling)), CollectingSink())
+
+
+def test_largest_valid_top_k_generates(engine):
+    events = run(engine, GenerationRequest("", prompt="hi", sampling=SamplingOptions(temperature=1.0, top_k=2047, seed=3, max_tokens=4)))
+    assert completed(events).completion_tokens >= 1
+
+
+def test_step_time_failure_fails_only_its_request(engine, monkeypatch):
+    """A sampler that raises inside the shared step (injected for one request) must fail that
+    request alone: the other streams in the same batch finish with their solo tokens."""
+    import lmlink.engine.sampling as sampling_mod
+    from lmlink.engine.types import Failed
+
+    victims = [chat(f"Victim {i} asks about rivers.", max_tokens=30, ignore_eos=True) for i in range(3)]
+    solo = [token_ids(run(engine, v)) for v in victims]
+    real = sampling_mod.apply_top_p
+    calls = {"n": 0}
+
+    def exploding(logprobs, top_p):
+        if abs(top_p - 0.123) < 1e-9:
+            calls["n"] += 1
+            if calls["n"] > 3:  # fails mid-generation, not at the first token
+                raise ValueError("injected sampler failure")
+        return real(logprobs, top_p)
+
+    monkeypatch.setattr(sampling_mod, "apply_top_p", exploding)
+    sinks = [CollectingSink() for _ in victims]
+    for v, s in zip(victims, sinks):
+        engine.submit(v, s)
+    bad = CollectingSink()
+    engine.submit(chat("I am the culprit.", max_tokens=200, ignore_eos=True, temperature=1.0, top_p=0.123, seed=1), bad)
+    bad_events = bad.wait()
+    assert isinstance(bad_events[-1], Failed), bad_events[-1]
+    assert isinstance(bad_events[-1].error, InvalidRequest)
+    assert "injected sampler failure" in str(bad_events[-1].error)
+    assert len(token_ids(bad_events)) <= 3
+    for s, expected in zip(sinks, solo):
+        events = s.wait()
+        assert completed(events).finish_reason == "length"
+        assert token_ids(events) == expected
+    assert engine.healthy
+    assert completed(run(engine, chat("And afterwards?", max_tokens=5))).completion_tokens >= 1
+
+
+def test_concurrent_requests_share_a_long_prefix(loaded_model):
+    """Requests that arrive together with the same long system prompt compute it once: the
+    first prefills it, the others wait for it and start from its cache, with the tokens they
+    get alone (no prompt cache involved)."""
+    from lmlink.engine.engine import Engine, EngineConfig
+
+    system = "You are a careful assistant who answers about rivers and mills. " * 40
+    questions = [f"Question {i}: where does river {i} run?" for i in range(4)]
+
+    def request(q: str) -> GenerationRequest:
+        return GenerationRequest("", messages=(ChatTurn("system", system), ChatTurn("user", q)),
+                                 sampling=SamplingOptions(max_tokens=12, ignore_eos=True))
+
+    solo = []
+    for q in questions:
+        eng = Engine(loaded_model, EngineConfig(prompt_cache_entries=1))
+        eng.start()
+        solo.append(token_ids(run(eng, request(q))))
+        eng.stop()
+    eng = Engine(loaded_model)
+    eng.start()
+    try:
+        sinks = []
+        for q in questions:
+            s = CollectingSink()
+            eng.submit(request(q), s)
+            sinks.append(s)
+        results = [s.wait() for s in sinks]
+    finally:
+        eng.stop()
+    assert [token_ids(r) for r in results] == solo
+    cached = sorted(completed(r).cached_tokens for r in results)
+    prompt_tokens = completed(results[0]).prompt_tokens
+    assert cached[0] == 0  # the first computes the shared prefix...
+    assert all(c >= prompt_tokens - 20 for c in cached[1:]), cached  # ...the others reuse it

@@ -72,13 +72,14 @@ def test_serve_tailscaled_over_wireguard(tmp_path):
             assert ready["tls_fingerprint"].startswith("sha256:")
 
             # nothing in the server namespace listens on a wildcard; public ports on the tunnel
-            # IP only, the TLS servers themselves on private loopback ports
+            # IP only, the TLS servers themselves on unix sockets in a private directory (no
+            # TCP port a local process could dial: lmlink.net.inner)
             everything = listening_sockets(server.pid, own_only=False)
             assert everything and not [s for s in everything if s.wildcard], everything
-            assert {s.host for s in everything} == {NODE, "127.0.0.1"}
+            assert {s.host for s in everything} == {NODE}
             ours = {(s.host, s.port) for s in listening_sockets(server.pid)}
             assert {(NODE, int(grpc_port)), (NODE, int(http_port))} <= ours
-            assert {h for h, _ in ours} == {NODE, "127.0.0.1"}
+            assert {h for h, _ in ours} == {NODE}
 
             cfg = {"server": NODE, "grpc": ready["grpc"], "http": ready["http"],
                    "fingerprint": ready["tls_fingerprint"], "veth": pair.server_veth_ip,

@@ -11,13 +11,16 @@ nothing is ever counted twice. On the next start, rows still `running` become
 Each final row (and each admin change) is also written as one JSON line to `audit.jsonl`
 in the state dir, in commit order; the file is re-synchronised from the database on every
 write and on start, so a crash between commit and append loses no line and duplicates none.
-Prompt text is recorded only when the owner opted in (`lmlink serve --audit-prompts`).
+Prompt text is recorded only when the owner opted in (`lmlink serve --audit-prompts`), only
+for admitted calls (a refused call's prompt is never stored), and capped at
+`MAX_PROMPT_CHARS` (longer prompts keep their head plus their length and SHA-256).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import threading
@@ -30,6 +33,8 @@ from lmlink.access.shares import iso
 from lmlink.access.store import Store
 
 AUDIT_FILE = "audit.jsonl"
+MAX_PROMPT_CHARS = 4096  # stored prompt text per request (--audit-prompts)
+_TAIL_CHUNK = 65536
 FINAL_OUTCOMES = ("completed", "cancelled", "denied", "rate_limited", "quota_exceeded",
                   "revoked", "failed", "interrupted")
 
@@ -87,6 +92,15 @@ class RequestRecord:
         return out
 
 
+def capped_prompt(prompt: str | None) -> str | None:
+    """A prompt as the audit trail stores it: whole up to MAX_PROMPT_CHARS, else head + digest."""
+    if prompt is None or len(prompt) <= MAX_PROMPT_CHARS:
+        return prompt
+    digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+    return (f"{prompt[:MAX_PROMPT_CHARS]}... [truncated: {len(prompt)} chars, "
+            f"sha256 {digest}]")
+
+
 class AuditTrail:
     """Writes request rows, usage buckets and audit records; exports `audit.jsonl`."""
 
@@ -98,6 +112,7 @@ class AuditTrail:
     # ----- request lifecycle ----------------------------------------------------------------
 
     def begin(self, rec: RequestRecord) -> None:
+        rec.prompt = capped_prompt(rec.prompt)
         with self.store.transaction() as db:
             cur = db.execute(
                 "INSERT INTO requests (request_id, started_at, login, principal, source, node,"
@@ -129,7 +144,8 @@ class AuditTrail:
                     (rec.request_id, rec.ended_at, rec.prompt_tokens, rec.cached_tokens,
                      rec.outcome, rec.reason, rec.seq),
                 )
-            else:  # refused before it was admitted
+            else:  # refused before it was admitted: its prompt is never stored
+                rec.prompt = None
                 cur = db.execute(
                     "INSERT INTO requests (request_id, started_at, ended_at, login, principal,"
                     " source, node, credential, via, model, outcome, reason, prompt)"
@@ -222,24 +238,39 @@ def export_audit(store: Store, path: Path, lock: threading.Lock | None = None) -
 
 
 def _last_seq(fd: int) -> int:
-    """The seq of the file's last complete line; a torn last line is cut off first."""
+    """The seq of the file's last complete line; a torn last line is cut off first.
+
+    Reads backwards in chunks until a whole line with a seq is found, however long the
+    records are (a 64 KiB window used to miss long ones and re-append the whole table).
+    """
     size = os.fstat(fd).st_size
     if size == 0:
         return 0
-    start = max(0, size - 65536)
-    tail = os.pread(fd, size - start, start)
-    if not tail.endswith(b"\n"):
-        cut = tail.rfind(b"\n")
-        os.ftruncate(fd, start + cut + 1 if cut >= 0 else start)
-        tail = tail[: cut + 1] if cut >= 0 else b""
-        if not tail and start > 0:
-            return _last_seq(fd)
-    for line in reversed(tail.splitlines()):
+    if os.pread(fd, 1, size - 1) != b"\n":  # torn last line (crash mid-append): cut it
+        end = _find_back(fd, size, b"\n")
+        os.ftruncate(fd, end + 1 if end >= 0 else 0)
+        size = end + 1 if end >= 0 else 0
+    end = size - 1  # position of the newline that ends the current line
+    while end >= 0:
+        start = _find_back(fd, end, b"\n") + 1  # first byte of the line ending at `end`
+        line = os.pread(fd, end - start, start)
         try:
             return int(json.loads(line)["seq"])
         except (ValueError, KeyError, TypeError):
-            continue
+            end = start - 1
     return 0
+
+
+def _find_back(fd: int, before: int, byte: bytes) -> int:
+    """Offset of the last `byte` in the file before offset `before`, or -1."""
+    pos = before
+    while pos > 0:
+        start = max(0, pos - _TAIL_CHUNK)
+        cut = os.pread(fd, pos - start, start).rfind(byte)
+        if cut >= 0:
+            return start + cut
+        pos = start
+    return -1
 
 
 def _from_row(row: Any) -> RequestRecord:

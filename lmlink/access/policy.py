@@ -9,10 +9,11 @@ Grant JSON shape (one object per grant; a caller may hold several, they add up):
 
     {
       "models":  ["*"] | ["model-id", "qwen-*", ...],  # required; fnmatch patterns, "*" = all
-      "actions": ["generate", "list", "info", "cancel", "admin"],  # optional, default: all but admin
+      "actions": ["generate", "list", "info", "cancel", "metrics", "admin"],  # optional, default: all but metrics, admin
       "max_streams": 4,           # optional positive int: concurrent Generate streams
       "tokens_per_minute": 20000, # optional positive int: completion tokens per minute
-      "tokens_per_day": 500000    # optional positive int: completion tokens per day
+      "tokens_per_day": 500000,   # optional positive int: completion tokens per day
+      "max_prompt_tokens": 8192   # optional positive int: tokens in one prompt (prefill)
     }
 
 Unknown keys and unknown action names are ignored (forward-compatible, they grant nothing).
@@ -36,11 +37,13 @@ from lmlink.access.identity import Identity
 
 CAPABILITY = "lmlink.dev/cap/inference"
 GROUPS_CAPABILITY = "lmlink.dev/cap/groups"
-ACTIONS: tuple[str, ...] = ("generate", "list", "info", "cancel", "admin")
+# "metrics" (the Prometheus exposition names principals) is never a default.
+ACTIONS: tuple[str, ...] = ("generate", "list", "info", "cancel", "metrics", "admin")
 DEFAULT_ACTIONS: frozenset[str] = frozenset({"generate", "list", "info", "cancel"})
 # Actions that concern one model; the others are checked without a model.
 MODEL_ACTIONS: frozenset[str] = frozenset({"generate"})
-LIMIT_KEYS: tuple[str, ...] = ("max_streams", "tokens_per_minute", "tokens_per_day")
+LIMIT_KEYS: tuple[str, ...] = ("max_streams", "tokens_per_minute", "tokens_per_day",
+                               "max_prompt_tokens")
 _KNOWN_KEYS = {"models", "actions", *LIMIT_KEYS}
 POLICY_HINT = "see deploy/tailscale-policy.md"
 
@@ -52,6 +55,8 @@ class Limits:
     max_streams: int | None = None
     tokens_per_minute: int | None = None
     tokens_per_day: int | None = None
+    # Processing a long prompt is the expensive part of it: a grant may bound one prompt.
+    max_prompt_tokens: int | None = None
 
     def merge(self, other: Limits) -> Limits:
         """The more generous of two limit sets, per limit (None beats any number)."""
@@ -61,7 +66,8 @@ class Limits:
 
         return Limits(wider(self.max_streams, other.max_streams),
                       wider(self.tokens_per_minute, other.tokens_per_minute),
-                      wider(self.tokens_per_day, other.tokens_per_day))
+                      wider(self.tokens_per_day, other.tokens_per_day),
+                      wider(self.max_prompt_tokens, other.max_prompt_tokens))
 
     @property
     def unlimited(self) -> bool:

@@ -18,20 +18,18 @@ from lmlink.access.store import StoreError
 from lmlink.v1 import admin_pb2 as pb
 from lmlink.v1 import admin_pb2_grpc as pb_grpc
 
-from .limits import Guard, Refusal
+from .core import Core
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, guard: Guard) -> None:
-        self._guard = guard
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._guard = core.guard
 
     async def Run(self, request: pb.AdminRequest, context: grpc.aio.ServicerContext) -> pb.AdminReply:
         metadata = dict(context.invocation_metadata() or ())
-        try:
-            caller = await self._guard.identify(context.peer(), metadata.get("authorization"))
-        except Refusal as refusal:
-            await context.abort(refusal.grpc_status, refusal.message,
-                                trailing_metadata=refusal.trailing_metadata())
+        # the same identity call as every other door (a CallError is mapped by add_servicer)
+        caller = await self._core.identify(context.peer(), metadata.get("authorization"))
         identity = caller.identity
         if not identity.is_owner:
             await context.abort(

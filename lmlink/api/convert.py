@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from lmlink.engine.types import (
-    ChatTurn,
     Completed,
     Event,
     GenerationRequest,
@@ -11,6 +10,14 @@ from lmlink.engine.types import (
     SamplingOptions,
     Started,
     TokenDelta,
+    ToolCallEvent,
+)
+
+from .agent_wire import (
+    agent_fields_from_wire,
+    logprobs_to_wire,
+    tool_call_to_wire,
+    turn_from_wire,
 )
 from lmlink.v1 import inference_pb2 as pb
 
@@ -21,6 +28,7 @@ _FINISH = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "cancelled": pb.FINISH_REASON_CANCELLED,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -35,6 +43,7 @@ def sampling_from_wire(s: pb.SamplingParams) -> SamplingOptions:
         seed=s.seed if s.HasField("seed") else None,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
         ignore_eos=s.ignore_eos,
+        speculate=s.speculate if s.HasField("speculate") else None,
     )
 
 
@@ -48,10 +57,13 @@ def request_from_wire(req: pb.GenerateRequest, owner: str = "") -> GenerationReq
         raise CallError(ErrorKind.INVALID_ARGUMENT,
                         "request has no input: set chat messages or a prompt")
     sampling = sampling_from_wire(req.sampling)
+    sampling, agent = agent_fields_from_wire(req, sampling)
     if which == "chat":
-        messages = tuple(ChatTurn(m.role, m.content) for m in req.chat.messages)
-        return GenerationRequest(req.request_id, messages=messages, sampling=sampling, owner=owner)
-    return GenerationRequest(req.request_id, prompt=req.prompt, sampling=sampling, owner=owner)
+        messages = tuple(turn_from_wire(m) for m in req.chat.messages)
+        return GenerationRequest(
+            req.request_id, messages=messages, sampling=sampling, owner=owner, **agent
+        )
+    return GenerationRequest(req.request_id, prompt=req.prompt, sampling=sampling, owner=owner, **agent)
 
 
 def merge_deltas(events: list[Event]) -> list[Event]:
@@ -60,7 +72,9 @@ def merge_deltas(events: list[Event]) -> list[Event]:
     for ev in events:
         last = merged[-1] if merged else None
         if isinstance(ev, TokenDelta) and isinstance(last, TokenDelta):
-            merged[-1] = TokenDelta(last.text + ev.text, last.token_ids + ev.token_ids)
+            lps = None if last.logprobs is None and ev.logprobs is None else \
+                (last.logprobs or []) + (ev.logprobs or [])
+            merged[-1] = TokenDelta(last.text + ev.text, last.token_ids + ev.token_ids, lps)
         else:
             merged.append(ev)
     return merged
@@ -68,9 +82,12 @@ def merge_deltas(events: list[Event]) -> list[Event]:
 
 def event_to_wire(event: Event, request_id: str) -> pb.GenerateEvent:
     if isinstance(event, TokenDelta):
-        return pb.GenerateEvent(
-            request_id=request_id, delta=pb.TokenDelta(text=event.text, token_ids=event.token_ids)
-        )
+        delta = pb.TokenDelta(text=event.text, token_ids=event.token_ids)
+        if event.logprobs:
+            delta.logprobs.extend(logprobs_to_wire(event.logprobs))
+        return pb.GenerateEvent(request_id=request_id, delta=delta)
+    if isinstance(event, ToolCallEvent):
+        return pb.GenerateEvent(request_id=request_id, tool_call=tool_call_to_wire(event.call))
     if isinstance(event, Started):
         return pb.GenerateEvent(
             request_id=request_id,
@@ -103,6 +120,10 @@ def event_to_wire(event: Event, request_id: str) -> pb.GenerateEvent:
                     tokens_per_second=event.tokens_per_second,
                     prompt_tokens_per_second=event.prompt_tokens_per_second,
                     queued_ms=event.queued_ms,
+                    draft_tokens=event.draft_tokens,
+                    accepted_draft_tokens=event.accepted_draft_tokens,
+                    draft_acceptance_rate=event.draft_acceptance_rate,
+                    tokens_per_step=event.tokens_per_step,
                 ),
             ),
         )

@@ -5,8 +5,8 @@ and turns events and `CallError`s back into its wire form. The core decides:
 
 - `identify(peer, credentials) -> Caller`: who is calling (the transport peer, or a bearer
   token). One call for every door; an instance attribute, so tests can swap it.
-- `open(caller, model, request, via) -> Generation`: resolve the model, bound the prompt,
-  check grants and limits, wait fairly for a batch slot, submit. The returned `Generation`
+- `open(caller, model, request, via) -> Generation`: resolve the model, check grants and
+  limits, wait fairly for a batch slot, bound the prompt, submit. The returned `Generation`
   always releases its lease and closes its audit row, however the call ends.
 - `list_models`, `find_model`, `server_info`, `cancel`, `load`, `unload`.
 
@@ -208,6 +208,7 @@ class Core:
         self.guard = guard
         self.facts = facts
         self.identify = self._identify  # swappable, like golink's currentUser(r)
+        self.draining = False  # shutting down: no new calls, running ones may finish
 
     # ----- who and what ----------------------------------------------------------------------
 
@@ -235,14 +236,18 @@ class Core:
     async def open(self, caller: Caller, model: str, request: GenerationRequest,
                    via: str) -> Generation:
         """Admit and submit `request`; the Generation must be closed (or iterated to its end)."""
+        if self.draining:
+            raise CallError(ErrorKind.UNAVAILABLE, f"{self.facts.name} is shutting down and "
+                            "takes no new requests; retry on another server or later",
+                            retry_after=5.0)
         engine = self.models.resolve(model)
-        _check_prompt_size(request, engine)
         request = replace(request, owner=owner_key(caller.identity))
-        lease = await self.guard.admit(caller, engine, request, via)
+        lease = await self.guard.admit(caller, engine, request, via)  # grants first: deny by default
         if lease.request is not None:
             request = lease.request  # max_tokens within the quota left
         queue = self.models.hub.open()
         try:
+            _check_prompt_size(request, engine)
             request_id = await _submit(engine, request, queue)
         except BaseException as exc:
             error = _submit_error(exc, engine.model_id)

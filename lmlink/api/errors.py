@@ -157,7 +157,8 @@ class CallError(Exception):
         if isinstance(exc, CallError):
             return exc
         kind = kind_of(exc)
-        message = str(exc) if kind is not ErrorKind.INTERNAL else "internal error"
+        # Errors that carry a kind were written for the caller; others may hold anything.
+        message = str(exc) if hasattr(exc, "kind") else "internal error"
         retry = {ErrorKind.OVERLOADED: 1.0, ErrorKind.UNAVAILABLE: 5.0}.get(kind)
         return cls(kind, message or kind.value, retry_after=retry)
 

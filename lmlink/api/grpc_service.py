@@ -1,7 +1,8 @@
 """The gRPC `lmlink.v1.Inference` servicer: wire <-> call core, nothing else.
 
 Every method identifies the caller through the core, asks the core, and translates the
-answer (or its `CallError`, with the error kind in trailing metadata) back to the wire.
+answer back to the wire. Errors are mapped once, at the edge: `add_servicer` wraps every
+method so a `CallError` ends the call with its status, kind and retry hint.
 """
 
 from __future__ import annotations
@@ -36,22 +37,24 @@ class _Unparsed:
 
 
 def add_servicer(add: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
-    """Register `servicer` through its generated `add_*_to_server`, except that a request
-    that does not parse ends INVALID_ARGUMENT (grpc would answer UNKNOWN and log a traceback)."""
+    """Register `servicer` through its generated `add_*_to_server`, with the edge mapping
+    around every method: a `CallError` ends the call with its status (and kind, code and retry
+    hint in trailing metadata), and a request that does not parse is INVALID_ARGUMENT (grpc
+    alone would answer UNKNOWN and log a traceback)."""
 
     class Capture:
         def add_generic_rpc_handlers(self, handlers: Any) -> None:
             pass  # registered below, from the same method handlers
 
         def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-            fixed = {name: _lenient(h) for name, h in handlers.items()}
+            fixed = {name: _at_the_edge(h) for name, h in handlers.items()}
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, fixed),))
             server.add_registered_method_handlers(service, fixed)
 
     add(servicer, Capture())
 
 
-def _lenient(handler: Any) -> Any:
+def _at_the_edge(handler: Any) -> Any:
     parse = handler.request_deserializer
 
     def deserialize(data: bytes) -> Any:
@@ -69,19 +72,25 @@ def _lenient(handler: Any) -> Any:
         behavior = handler.unary_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if (error := refuse(request)) is not None:
+            try:
+                if (error := refuse(request)) is not None:
+                    raise error
+                async for item in behavior(request, context):
+                    yield item
+            except CallError as error:
                 await abort(context, error)
-            async for item in behavior(request, context):
-                yield item
 
         return handler._replace(request_deserializer=deserialize, unary_stream=stream)
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if (error := refuse(request)) is not None:
+            try:
+                if (error := refuse(request)) is not None:
+                    raise error
+                return await unary(request, context)
+            except CallError as error:
                 await abort(context, error)
-            return await unary(request, context)
 
         return handler._replace(request_deserializer=deserialize, unary_unary=call)
     return handler
@@ -98,72 +107,49 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        try:
-            caller = await self._caller(context)
-            gen = await self.core.open(caller, request.model, request_from_wire(request), "grpc")
-        except CallError as error:
-            await abort(context, error)
+        caller = await self._caller(context)
+        gen = await self.core.open(caller, request.model, request_from_wire(request), "grpc")
         async with gen:
-            try:
-                async for event in gen:
-                    yield event_to_wire(event, gen.request_id)
-            except CallError as error:
-                await abort(context, error)
+            async for event in gen:
+                yield event_to_wire(event, gen.request_id)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        try:
-            entries = self.core.list_models(await self._caller(context))
-        except CallError as error:
-            await abort(context, error)
+        entries = self.core.list_models(await self._caller(context))
         default = self.core.models.default_id
         return pb.ListModelsResponse(models=[_model_wire(e, default) for e in entries])
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerInfo:
-        try:
-            info = self.core.server_info(await self._caller(context))
-        except CallError as error:
-            await abort(context, error)
-        return _info_wire(info)
+        return _info_wire(self.core.server_info(await self._caller(context)))
 
     async def Cancel(
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelResponse:
-        try:
-            cancelled = self.core.cancel(await self._caller(context), request.request_id)
-        except CallError as error:
-            await abort(context, error)
-        return pb.CancelResponse(cancelled=cancelled)
+        return pb.CancelResponse(cancelled=self.core.cancel(await self._caller(context),
+                                                            request.request_id))
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LoadModelEvent]:
-        try:
-            caller = await self._caller(context)
-            async for step in self.core.load(caller, request.model,
-                                             make_default=request.make_default,
-                                             idle_ttl=request.idle_ttl_seconds):
-                if isinstance(step, LoadStep):
-                    yield pb.LoadModelEvent(progress=pb.LoadProgress(
-                        stage=step.stage, message=step.message, fraction=step.fraction,
-                        estimated_bytes=step.estimated_bytes, available_bytes=step.available_bytes))
-                else:
-                    yield pb.LoadModelEvent(loaded=_model_wire(step, self.core.models.default_id))
-        except CallError as error:
-            await abort(context, error)
+        caller = await self._caller(context)
+        async for step in self.core.load(caller, request.model, make_default=request.make_default,
+                                         idle_ttl=request.idle_ttl_seconds):
+            if isinstance(step, LoadStep):
+                yield pb.LoadModelEvent(progress=pb.LoadProgress(
+                    stage=step.stage, message=step.message, fraction=step.fraction,
+                    estimated_bytes=step.estimated_bytes, available_bytes=step.available_bytes))
+            else:
+                yield pb.LoadModelEvent(loaded=_model_wire(step, self.core.models.default_id))
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        try:
-            done = await self.core.unload(await self._caller(context), request.model,
-                                          cancel_streams=request.cancel_streams,
-                                          drain_timeout=request.drain_timeout_seconds)
-        except CallError as error:
-            await abort(context, error)
+        done = await self.core.unload(await self._caller(context), request.model,
+                                      cancel_streams=request.cancel_streams,
+                                      drain_timeout=request.drain_timeout_seconds)
         return pb.UnloadModelResponse(model=done.entry.id, cancelled_streams=done.cancelled,
                                       drained_streams=done.drained, freed_bytes=done.freed_bytes)
 
@@ -173,7 +159,15 @@ def _model_wire(e: Any, default: str | None) -> pb.Model:
         id=e.id, aliases=list(e.aliases), state=e.state, context_length=e.context_length,
         memory_bytes=e.memory_bytes, is_default=e.id == default and e.state == "loaded",
         active_streams=e.active_streams, idle_ttl_seconds=e.idle_ttl,
+        source=_model_source(e),
     )
+
+
+def _model_source(e: Any) -> str:
+    from lmlink.engine.loader import describe_source
+
+    loaded = getattr(e.engine, "loaded", None)
+    return getattr(loaded, "source", "") or describe_source(e.spec or e.id)
 
 
 def _info_wire(info: ServerSnapshot) -> pb.ServerInfo:

@@ -29,9 +29,12 @@ from lmlink.engine.types import (
     PromptProgress,
     SamplingOptions,
     TokenDelta,
+    ToolCallEvent,
 )
 
+from .agent_doors import AGENT_PATHS, agent_routes
 from .conversations import ConversationStore
+from .core_backend import CoreBackend
 from .core import Core, Generation
 from .errors import CallError, ErrorKind
 from .http_shell import (
@@ -45,7 +48,9 @@ from .http_shell import (
     read_body,
     unless_disconnected,
 )
+from .door_common import ResponseStore
 from .limits import Caller
+from .openai_agent import Extras
 from .openai_schema import (
     DONE,
     ApiError,
@@ -59,6 +64,7 @@ from .openai_schema import (
     parse_completion,
     parse_json,
 )
+from .status_door import StatusViews
 from .shortcuts import answer_body, error_text, parse_ask, wants_text
 
 
@@ -82,14 +88,17 @@ class BridgeOptions:
 class HttpBridge:
     """Builds the Starlette app over the call core; one instance per server."""
 
-    def __init__(self, core: Core, options: BridgeOptions | None = None) -> None:
+    def __init__(self, core: Core, options: BridgeOptions | None = None,
+                 views: StatusViews | None = None) -> None:
         self.core = core
         self.options = options or BridgeOptions()
         self.conversations = ConversationStore(
             max_conversations=self.options.max_conversations,
             ttl_seconds=self.options.conversation_ttl_seconds,
         )
+        self.responses = ResponseStore()  # previous_response_id state, bounded per caller
         self._started = int(time.time())
+        self.views = views or StatusViews(core)
 
     def app(self) -> Any:
         return openai_app(
@@ -100,16 +109,29 @@ class HttpBridge:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/v1/shortcuts/ask", self.shortcuts_ask, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
+                # Responses and Anthropic Messages: door modules over the same call core.
+                *agent_routes(CoreBackend(self.core, self.options.keepalive_seconds), self.responses),
+                *self.views.routes(self._caller),
             ],
             allowed_hosts=self.options.allowed_hosts,
             allowed_origins=self.options.allowed_origins,
             # The Shortcut endpoint also takes forms and text; the Origin check guards it.
-            json_paths=("/v1/chat/completions", "/v1/completions"),
+            json_paths=("/v1/chat/completions", "/v1/completions", *AGENT_PATHS),
         )
 
     async def _caller(self, request: Request) -> Caller:
         return await self.core.identify(peer_string(request.scope),
                                         request.headers.get("authorization"))
+
+    # ----- for other doors mounted on this app (Responses, Anthropic Messages) -----------------
+
+    async def open(self, request: Request, model: str, gen: GenerationRequest) -> Generation:
+        """Identify the caller of an HTTP request and open `gen` for it through the core."""
+        return await self.core.open(await self._caller(request), model, gen, "http")
+
+    async def caller_key(self, request: Request) -> str:
+        """A stable key for the caller (state kept per caller, e.g. conversations)."""
+        return _caller_key((await self._caller(request)).identity)
 
     # ----- OpenAI endpoints -----------------------------------------------------------------
 
@@ -127,14 +149,15 @@ class HttpBridge:
         gen = await self.core.open(caller, call.model, call.request, "http")
         headers = {"x-request-id": gen.request_id}
         if call.stream:
-            return EventStream(self._chunks(gen, call), headers)
+            return EventStream(self._chunks(gen, call), headers, on_close=gen.close)
+        extras = Extras()  # text, tool calls and logprobs
         async with gen:
             try:
-                text, done = await unless_disconnected(request.receive, gen.collect())
+                done = await unless_disconnected(request.receive, extras.collect(gen))
             except ClientGone:
                 return Response(status_code=499)  # nobody is listening; the slot is already free
-        body = completion_body(call.kind, gen.request_id, gen.created, gen.model, text,
-                               done.finish_reason, done)
+        body = completion_body(call.kind, gen.request_id, gen.created, gen.model, extras.text,
+                               done.finish_reason, done, extras)
         return JSONResponse(body, headers=headers)
 
     async def _chunks(self, gen: Generation, call: CompletionCall) -> AsyncIterator[bytes]:
@@ -154,9 +177,10 @@ class HttpBridge:
                 if events is None:
                     out.append(KEEPALIVE)
                 for event in events or ():
-                    if isinstance(event, TokenDelta):
-                        if event.text:
-                            out.append(encoder.delta(event.text))
+                    if isinstance(event, (TokenDelta, ToolCallEvent)):
+                        chunk = encoder.event(event)  # text (+ logprobs) or a tool call
+                        if chunk:
+                            out.append(chunk)
                     elif isinstance(event, PromptProgress):
                         out.append(b": prompt %d/%d\n\n" % (event.processed_tokens, event.total_tokens))
                     elif isinstance(event, Completed):

@@ -42,6 +42,8 @@ def peer_string(scope: Scope) -> str:
     if not client:
         return ""
     host, port = client[0], client[1]
+    if host.startswith("/"):  # a unix peer name (the relay's inner hop, lmlink.net.inner)
+        return f"unix:{host}"
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
@@ -98,16 +100,23 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 class EventStream(StreamingResponse):
     """SSE over an async generator of byte chunks. A client that leaves cancels the generator
-    at once (its `finally` frees what it holds), even while it waits for the engine."""
+    at once, even while it waits for the engine; `on_close` then runs however the response
+    ended -- also when the generator never started, so its `finally` would not run."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         super().__init__(chunks, media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-accel-buffering": "no",
                                   **(headers or {})})
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        with contextlib.suppress(ClientGone):
-            await unless_disconnected(receive, self.stream_response(send))
+        try:
+            with contextlib.suppress(ClientGone):
+                await unless_disconnected(receive, self.stream_response(send))
+        finally:
+            if self._on_close is not None:
+                self._on_close()
 
 
 # ----- errors ---------------------------------------------------------------------------------
@@ -246,11 +255,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app: Any, tls_files: tuple[Any, Any] | None = None) -> uvicorn.Config:
-    """How every lmlink HTTP listener runs uvicorn (one place for its limits and hardening)."""
+def uvicorn_config(app: Any, tls_files: tuple[Any, Any] | None = None,
+                   options: dict[str, Any] | None = None) -> uvicorn.Config:
+    """How every lmlink HTTP listener runs uvicorn (one place for its limits and hardening).
+
+    `options`: extra uvicorn.Config kwargs from the server (connection limits, mTLS:
+    lmlink.net.httpserver.uvicorn_options); they override the defaults here.
+    """
     cert_file, key_file = tls_files if tls_files else (None, None)
-    return uvicorn.Config(
-        app,
+    settings: dict[str, Any] = dict(
         ssl_certfile=str(cert_file) if cert_file else None,
         ssl_keyfile=str(key_file) if key_file else None,
         http="auto",  # httptools when installed: the cheapest parser
@@ -263,25 +276,32 @@ def uvicorn_config(app: Any, tls_files: tuple[Any, Any] | None = None) -> uvicor
         proxy_headers=False,
         timeout_graceful_shutdown=2,
     )
+    settings.update(options or {})
+    return uvicorn.Config(app, **settings)
 
 
 class HttpListener:
     """uvicorn serving an ASGI app on an already bound socket, inside the running event loop."""
 
     def __init__(
-        self, app: Any, sock: socket.socket, tls_files: tuple[Any, Any] | None = None
+        self, app: Any, sock: socket.socket, tls_files: tuple[Any, Any] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         # uvicorn's lifecycle lines ("Started server process", "Shutting down") would break the
         # CLI's one-line failure output; lmlink logs its own "serving on" line instead.
         uvicorn_log = logging.getLogger("uvicorn.error")
         if uvicorn_log.level == logging.NOTSET:
             uvicorn_log.setLevel(logging.WARNING)
-        self._server = _EmbeddedUvicorn(uvicorn_config(app, tls_files))
+        self._server = _EmbeddedUvicorn(uvicorn_config(app, tls_files, options))
         self._sock = sock
         self._task: asyncio.Task[None] | None = None
-        host, port = sock.getsockname()[:2]
-        self.port = port
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if sock.family == socket.AF_UNIX:  # the inner hop behind the relay
+            self.port: Any = sock.getsockname()
+            self.address = f"unix:{self.port}"
+        else:
+            host, port = sock.getsockname()[:2]
+            self.port = port
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self._server.serve(sockets=[self._sock]))

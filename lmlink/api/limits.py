@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from lmlink.access.audit import RequestRecord
+from lmlink.observe.telemetry import CallUsage, Telemetry
 from lmlink.access.identity import Identity
 from lmlink.access.policy import UNLIMITED, Limits
 from lmlink.access.quotas import OverQuota
@@ -90,6 +91,7 @@ class Lease:
         self._waiter: asyncio.Future[None] | None = None
         self._request_id = ""
         self.request: GenerationRequest | None = None  # what to submit (max_tokens within budget)
+        self.done: Completed | None = None
 
     # the doors call these ----------------------------------------------------------------
 
@@ -117,6 +119,7 @@ class Lease:
         return self.refusal
 
     def complete(self, done: Completed) -> None:
+        self.done = done
         rec = self.rec
         missing = done.completion_tokens - rec.completion_tokens
         if missing > 0:
@@ -205,6 +208,7 @@ class Guard:
         self._open: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._touched: dict[str, float] = {}
+        self.telemetry = Telemetry()  # the status page, `lmlink top` and /metrics read it
 
     # ----- who -----------------------------------------------------------------------------
 
@@ -281,6 +285,8 @@ class Guard:
                 self._refuse(rec, self.quota_refusal(principal, model, over, mid=False))
             left = self.access.meter.remaining(principal, model, limits, self.clock())
             request = _within_budget(request, left, engine)
+        if limits.max_prompt_tokens is not None:  # the engine counts; the grant bounds
+            request = replace(request, max_prompt_tokens=limits.max_prompt_tokens)
         lease = Lease(self, caller, engine, limits, rec)
         lease.request = request
         self._leases.add(lease)
@@ -291,6 +297,7 @@ class Guard:
             lease.refusal = lease.refusal or refusal
             lease.state = "done"
             rec.outcome, rec.reason, rec.ended_at = lease.refusal.outcome, lease.refusal.message, self.clock()
+            self.telemetry.call_refused(lease.refusal.code, principal, model, via)
             self.finish(lease, release=False)
             raise lease.refusal from None
         except BaseException:
@@ -302,11 +309,13 @@ class Guard:
             try:
                 self.access.audit.begin(rec)
             except Exception as exc:  # cannot account for it: give the slot back, refuse
-                log.exception("cannot record request %s", rec.request_id)
+                log.error("cannot record request %s: %s", rec.request_id, type(exc).__name__)
+                log.debug("audit begin failed", exc_info=True)
                 lease.cut(Refusal("unavailable", f"the server cannot record usage now ({exc})",
                                   retry_after=5.0, code="unavailable", outcome="failed"))
                 lease.close()
                 raise lease.refusal from None  # type: ignore[misc]
+        self.telemetry.call_started(str(id(lease)), principal, model, via)
         return lease
 
     def _slots_for(self, engine: Any) -> Slots:
@@ -319,6 +328,7 @@ class Guard:
 
     def _refuse(self, rec: RequestRecord, refusal: Refusal) -> None:
         rec.outcome, rec.reason, rec.ended_at = refusal.outcome, refusal.message, self.clock()
+        self.telemetry.call_refused(refusal.code, rec.principal, rec.model, rec.via)
         if self.access is not None:
             self.access.audit.finish(rec)
         raise refusal
@@ -351,11 +361,13 @@ class Guard:
             self._open.pop(lease.principal, None)
         if release:
             lease.release_slot()
+            self.telemetry.call_ended(str(id(lease)), lease.rec.outcome, _usage(lease))
         if self.access is not None:
             try:
                 self.access.audit.finish(lease.rec)
             except Exception:  # never let bookkeeping break the caller's stream
-                log.exception("could not write the audit record of %s", lease.rec.request_id)
+                log.error("could not write the audit record of %s", lease.rec.request_id)
+                log.debug("audit finish failed", exc_info=True)
 
     # ----- live checks ---------------------------------------------------------------------
 
@@ -399,6 +411,17 @@ class Guard:
                 else:
                     lease.identity = fresh
 
+    def shut(self, refusal: Refusal, *, waiting_only: bool = False) -> int:
+        """End calls now with `refusal` (shutting down): those waiting for a slot, or all."""
+        leases = [l for l in self._leases if not waiting_only or l.state == "waiting"]
+        for lease in leases:
+            lease.cut(refusal)
+        return len(leases)
+
+    @property
+    def running_calls(self) -> int:
+        return sum(1 for lease in self._leases if lease.state == "running")
+
     def flush(self) -> None:
         if self.access is not None:
             self.access.audit.flush([lease.rec for lease in self._leases])
@@ -431,8 +454,9 @@ class Guard:
                     self.access.prune()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("access check failed; retrying")
+            except Exception as exc:
+                log.error("access check failed (%s); retrying", type(exc).__name__)
+                log.debug("access check failure", exc_info=True)
 
     def start(self) -> None:
         if self._task is None:
@@ -453,6 +477,15 @@ class Guard:
             with contextlib.suppress(Exception):
                 self.flush()
             self.access.close()
+
+
+def _usage(lease: Lease) -> CallUsage:
+    """A finished call's figures for the status views (timings only when it completed)."""
+    rec, done = lease.rec, lease.done
+    if done is None:
+        return CallUsage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)
+    return CallUsage(done.prompt_tokens, done.completion_tokens, done.cached_tokens,
+                     done.time_to_first_token_ms / 1000, done.total_ms / 1000, done.queued_ms / 1000)
 
 
 def _within_budget(request: GenerationRequest, left: int | None, engine: Any) -> GenerationRequest:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .common import EXIT_OK, CliError, number
+from .common import usage_error, EXIT_OK, CliError, number
 from .serve import add_serving_flags, check_state_dir
 
 
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from lmlink.cluster.launch import cluster_check, cluster_up
     from lmlink.cluster.spec import ClusterFileError, load_cluster
 
+    if getattr(args, "speculate", None) == "draft-model":
+        raise usage_error("a cluster speculates with prompt-lookup or off (no draft model)")
     try:
         spec = load_cluster(args.file)
     except ClusterFileError as exc:

@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("model", "aliases", "state", "context", "memory", "default")
+    table = Table("model", "aliases", "state", "context", "memory", "default", "source")
     for m in models:
         table.add_row(m.id, ", ".join(m.aliases), m.state, str(m.context_length),
-                      human_bytes(m.memory_bytes), "yes" if m.is_default else "")
+                      human_bytes(m.memory_bytes), "yes" if m.is_default else "", m.source)
     Console().print(table)
     return EXIT_OK
 

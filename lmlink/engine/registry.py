@@ -51,6 +51,10 @@ class ModelEntry:
 
 def estimate_bytes(path: Path) -> int:
     """Weights on disk (safetensors / npz) times a headroom factor."""
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from .gguf import estimate_bytes as gguf_bytes
+
+        return int(gguf_bytes(path) * MEMORY_HEADROOM)
     total = 0
     for pattern in ("*.safetensors", "*.npz"):
         for f in path.glob(pattern):

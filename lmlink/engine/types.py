@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
-FinishReason = Literal["stop", "length", "cancelled"]
-ChatRole = Literal["system", "user", "assistant"]
-CHAT_ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+ChatRole = Literal["system", "user", "assistant", "tool"]
+CHAT_ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
+MAX_TOP_LOGPROBS = 20
 
 
 class EngineError(Exception):
@@ -52,9 +53,40 @@ class DuplicateRequestId(EngineError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: `arguments` is JSON object text."""
+
+    id: str
+    name: str
+    arguments: str
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call; `parameters` is a JSON Schema text ("" = any object)."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """An output constraint: kind is json_object | json_schema | regex | lark."""
+
+    kind: str
+    spec: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,9 +102,28 @@ class SamplingOptions:
     seed: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    # An llguidance grammar (JSON text) every token must follow; made by
+    # `constrained.constrain` from the request's response format or tool choice.
+    grammar: str | None = None
+    # None = no logprobs; otherwise how many alternatives to report per token (0..20).
+    logprobs: int | None = None
+    # Speculative decoding for this request: None = the server's default (`--speculate`).
+    speculate: bool | None = None
 
-    def validate(self) -> None:
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Refuse values that could fail later inside the shared batch step.
+
+        `vocab_size` (the model's logits width) bounds `top_k`: the sampler cannot take the
+        top k of fewer than k tokens, and that error would otherwise surface mid-step.
+        """
+
+        def integer(name: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+
         def finite(name: str, value: float) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidRequest(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise InvalidRequest(f"{name} must be a finite number, got {value}")
 
@@ -85,18 +136,34 @@ class SamplingOptions:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise InvalidRequest(f"min_p must be in [0, 1), got {self.min_p}")
+        integer("top_k", self.top_k)
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if vocab_size is not None and self.top_k >= vocab_size:
+            raise InvalidRequest(
+                f"top_k must be less than the model's vocabulary size ({vocab_size}), "
+                f"got {self.top_k}; use 0 for no top-k filtering"
+            )
+        if self.max_tokens is not None:
+            integer("max_tokens", self.max_tokens)
+            if self.max_tokens < 1:
+                raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None:
+            integer("seed", self.seed)
+            if not 0 <= self.seed < 1 << 64:
+                raise InvalidRequest(f"seed must be in [0, 2**64), got {self.seed}")
         if self.repetition_penalty is not None:
             finite("repetition_penalty", self.repetition_penalty)
-            if self.repetition_penalty <= 0:
+            if not 0 < self.repetition_penalty <= 100:
                 raise InvalidRequest(
-                    f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+                    f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}"
                 )
         if len(self.stop) > 16:
             raise InvalidRequest(f"at most 16 stop strings are allowed, got {len(self.stop)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}"
+            )
         for s in self.stop:
             if not s:
                 raise InvalidRequest("stop strings must not be empty")
@@ -114,6 +181,12 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Free-form owner of the request (e.g. an identity label); lets Cancel check ownership.
     owner: str = ""
+    tools: tuple[ToolSpec, ...] = ()
+    # "auto", "none", "required", or "function:<name>" (that function must be called).
+    tool_choice: str = "auto"
+    response_format: ResponseFormat | None = None
+    # The caller's limit on prompt tokens (a grant's max_prompt_tokens); None: only the context.
+    max_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,10 +202,35 @@ class PromptProgress:
     total_tokens: int
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    bytes: bytes = b""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    bytes: bytes = b""
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass
 class TokenDelta:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    """A complete tool call parsed from the output; its text is not sent as a delta."""
+
+    call: ToolCall
 
 
 @dataclass(frozen=True)
@@ -146,6 +244,12 @@ class Completed:
     tokens_per_second: float
     prompt_tokens_per_second: float
     queued_ms: float
+    # Speculative decoding (zero when the request did not speculate): draft tokens verified,
+    # how many were kept, and completion tokens per decode step (the speed-up's upper bound).
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    draft_acceptance_rate: float = 0.0
+    tokens_per_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -155,7 +259,7 @@ class Failed:
     error: EngineError
 
 
-Event = Started | PromptProgress | TokenDelta | Completed | Failed
+Event = Started | PromptProgress | TokenDelta | ToolCallEvent | Completed | Failed
 
 
 class EventSink(Protocol):

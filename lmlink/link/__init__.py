@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from lmlink import defaults
+
 from .config import DEFAULT_HOST, DEFAULT_PORT, LinkConfig, load_link_config, set_preference
 from .router import Router, Server
 
@@ -35,7 +37,7 @@ class LinkOptions:
     status_line: bool = True  # a live one-line status on stderr (when it is a terminal)
     # Browser UIs (origins like "http://localhost:3000") allowed to call the link.
     allowed_origins: tuple[str, ...] = field(default_factory=lambda: tuple(
-        o.strip() for o in os.environ.get("LMLINK_ALLOWED_ORIGINS", "").split(",") if o.strip()))
+        o.strip() for o in os.environ.get(defaults.ENV_ALLOWED_ORIGINS, "").split(",") if o.strip()))
 
 
 @dataclass
@@ -65,7 +67,9 @@ async def run_link(options: LinkOptions, *,
 
     router.prefs_file = config_path()
     link = LinkApp(router, allowed_origins=options.allowed_origins)
-    listener = HttpListener(link.app(), sock)
+    from lmlink.net.httpserver import uvicorn_options
+
+    listener = HttpListener(link.app(), sock, None, uvicorn_options())  # head caps, timeouts
     await router.start()
     await listener.start()
     stopped = asyncio.Event()

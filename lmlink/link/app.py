@@ -26,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lmlink.api.agent_doors import AGENT_PATHS, agent_routes
+from lmlink.api.agent_wire import request_to_wire
 from lmlink.api.errors import CallError, kind_of_status
 from lmlink.api.gate import is_loopback_peer
 from lmlink.api.http_shell import (
@@ -37,6 +39,7 @@ from lmlink.api.http_shell import (
     read_body,
     unless_disconnected,
 )
+from lmlink.api.openai_agent import Extras
 from lmlink.api.openai_schema import (
     DONE,
     ApiError,
@@ -51,7 +54,9 @@ from lmlink.api.openai_schema import (
 )
 from lmlink.client import events as ev
 from lmlink.client.errors import LmlinkError
+from lmlink.v1 import inference_pb2 as pb
 
+from .doors import LinkBackend, from_client_event
 from .router import DENIALS, NoServer, Router, Server
 
 log = logging.getLogger("lmlink.link")
@@ -74,21 +79,6 @@ def api_error(exc: LmlinkError, server: Server) -> CallError:
                      else (2 if kind.http_status in (429, 503) else None))
 
 
-def request_options(call: CompletionCall) -> dict[str, Any]:
-    """A parsed OpenAI body as keyword arguments for lmlink's client `stream()`."""
-    r, s = call.request, call.request.sampling
-    out: dict[str, Any] = {
-        "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-        "top_k": s.top_k or None, "min_p": s.min_p or None, "stop": s.stop, "seed": s.seed,
-        "repetition_penalty": s.repetition_penalty, "ignore_eos": s.ignore_eos,
-    }
-    if r.prompt is not None:
-        out["prompt"] = r.prompt
-    else:
-        out["messages"] = [{"role": m.role, "content": m.content} for m in r.messages or ()]
-    return out
-
-
 @dataclass
 class _Upstream:
     """An open generation on one server, with the events read before the first token."""
@@ -98,6 +88,7 @@ class _Upstream:
     events: AsyncIterator[ev.Event]
     head: list[ev.Event]
     model: str
+    released: bool = False
 
 
 class LinkStats:
@@ -124,12 +115,13 @@ class LinkApp:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/status", self.status, methods=["GET"]),
+                *agent_routes(LinkBackend(self)),  # Responses and Anthropic Messages
             ],
             # The link speaks with this user's tailnet identity over plaintext loopback: a web
             # page must not reach it, by rebinding a name or by a cross-origin POST.
             allowed_hosts=LOOPBACK_NAMES,
             allowed_origins=self.allowed_origins,
-            json_paths=("/v1/chat/completions", "/v1/completions"),
+            json_paths=("/v1/chat/completions", "/v1/completions", *AGENT_PATHS),
         )
 
     # ----- models ------------------------------------------------------------------------------
@@ -196,13 +188,17 @@ class LinkApp:
         headers = {"x-request-id": request_id, "x-lmlink-server": up.server.label}
         created = int(time.time())
         if call.stream:
-            return EventStream(self._chunks(up, call, request_id, created), headers)
+            return EventStream(self._chunks(up, call, request_id, created), headers,
+                               on_close=lambda: self._release(up))
+        extras = Extras()  # tool calls and logprobs
         try:
-            text, done = await unless_disconnected(request.receive, self._collect(up))
+            text, done = await unless_disconnected(request.receive, self._collect(up, extras))
         except ClientGone:
             return Response(status_code=499)
+        finally:
+            self._release(up)
         body = completion_body(call.kind, request_id, created, up.model, text,
-                               _finish(done), done.usage)
+                               _finish(done), done.usage, extras)
         return JSONResponse(body, headers=headers)
 
     async def _open(self, call: CompletionCall, request_id: str) -> _Upstream:
@@ -218,7 +214,7 @@ class LinkApp:
                     raise _no_server(again) from None
             else:
                 raise _no_server(exc) from None
-        options = request_options(call)
+        options = request_to_wire(call.request)  # every field, forwarded unchanged
         name = self.router.split_pin(call.model)[0]
         tried: list[str] = []
         refusals: list[int] = []  # HTTP status of each attempt a server refused
@@ -255,9 +251,12 @@ class LinkApp:
         raise ApiError(503, "no server could take the request", code="no_server_available")
 
     async def _first_token(self, server: Server, model: str, request_id: str,
-                           options: dict[str, Any]) -> _Upstream:
+                           options: pb.GenerateRequest) -> _Upstream:
         client = await self.router.client(server)
-        stream = client.stream(model=model, request_id=request_id, **options)
+        wire = pb.GenerateRequest()
+        wire.CopyFrom(options)
+        wire.model, wire.request_id = model, request_id
+        stream = client.stream_request(wire)
         events = stream.__aiter__()
         head: list[ev.Event] = []
         server.inflight += 1
@@ -285,13 +284,21 @@ class LinkApp:
                 yield event
         finally:
             self.stats.active -= 1
-            up.server.inflight -= 1
-            up.stream.cancel()  # no-op when finished; cancels on the server otherwise
+            self._release(up)
 
-    async def _collect(self, up: _Upstream) -> tuple[str, ev.Completed]:
+    def _release(self, up: _Upstream) -> None:
+        """Give the upstream back (idempotent): cancels it on the server unless it finished."""
+        if not up.released:
+            up.released = True
+            up.server.inflight -= 1
+            up.stream.cancel()  # no-op when finished
+
+    async def _collect(self, up: _Upstream, extras: Extras | None = None) -> tuple[str, ev.Completed]:
         parts: list[str] = []
         try:
             async for event in self._events(up):
+                if extras is not None and (agent := from_client_event(event)) is not None:
+                    extras.add(agent)
                 if isinstance(event, ev.TokenDelta):
                     parts.append(event.text)
                 elif isinstance(event, ev.Completed):
@@ -313,9 +320,10 @@ class LinkApp:
             yield opening
         try:
             async for event in self._events(up):
-                if isinstance(event, ev.TokenDelta):
-                    if event.text:
-                        yield encoder.delta(event.text)
+                if isinstance(event, (ev.TokenDelta, ev.ToolCall)):
+                    chunk = encoder.event(from_client_event(event))  # text (+ logprobs) or a call
+                    if chunk:
+                        yield chunk
                 elif isinstance(event, ev.Completed):
                     chunk = encoder.finish(_finish(event))
                     if call.include_usage:

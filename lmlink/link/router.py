@@ -256,7 +256,8 @@ class Router:
             try:
                 await self.refresh()
             except Exception:  # noqa: BLE001 - the loop must survive anything
-                log.exception("probing servers failed")
+                log.error("probing servers failed")
+                log.debug("probe failure", exc_info=True)
 
     async def _discover(self) -> None:
         from lmlink.client.discovery import adiscover

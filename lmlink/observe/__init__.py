@@ -1,0 +1,1 @@
+"""Views of the running server: telemetry, Prometheus metrics, the status page."""
