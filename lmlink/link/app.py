@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
+from importlib import resources
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from lmlink.api.agent_doors import AGENT_PATHS, agent_routes
@@ -31,6 +33,7 @@ from lmlink.api.agent_wire import request_to_wire
 from lmlink.api.errors import CallError, kind_of_status
 from lmlink.api.gate import is_loopback_peer
 from lmlink.api.http_shell import (
+    PAGE_HEADERS,
     LOOPBACK_NAMES,
     ClientGone,
     EventStream,
@@ -90,6 +93,8 @@ class _Upstream:
     model: str
     released: bool = False
 
+_PAGE = resources.files("lmlink.observe").joinpath("static/link.html")
+
 
 class LinkStats:
     def __init__(self) -> None:
@@ -97,6 +102,10 @@ class LinkStats:
         self.active = 0
         self.failovers = 0
         self.errors = 0
+        self.routes: deque[dict[str, Any]] = deque(maxlen=20)  # recent routing choices
+
+    def routed(self, model: str, server: str, why: str) -> None:
+        self.routes.appendleft({"at": time.time(), "model": model, "server": server, "why": why})
 
 
 class LinkApp:
@@ -115,6 +124,7 @@ class LinkApp:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/status", self.status, methods=["GET"]),
+                Route("/", self.page, methods=["GET"]),
                 *agent_routes(LinkBackend(self)),  # Responses and Anthropic Messages
             ],
             # The link speaks with this user's tailnet identity over plaintext loopback: a web
@@ -166,7 +176,13 @@ class LinkApp:
         _local_only(request)
         s = self.stats
         return JSONResponse({**self.router.status(), "requests": s.requests,
-                             "active": s.active, "failovers": s.failovers, "errors": s.errors})
+                             "active": s.active, "failovers": s.failovers, "errors": s.errors,
+                             "recent_routes": list(s.routes)})
+
+    async def page(self, request: Request) -> Response:
+        """The laptop side's status page: servers, paths, latency, routing choices."""
+        _local_only(request)
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"), headers=PAGE_HEADERS)
 
     # ----- completions ---------------------------------------------------------------------------
 
@@ -222,7 +238,11 @@ class LinkApp:
         for i, server in enumerate(attempts):
             model = (server.model_id(name) or name) if name else ""
             try:
-                return await self._first_token(server, model, request_id, options)
+                up = await self._first_token(server, model, request_id, options)
+                self.stats.routed(call.model, server.label,
+                                  "preferred" if pinned else f"after {len(tried)} failed" if tried
+                                  else "best path, latency and load")
+                return up
             except LmlinkError as exc:
                 retry = exc.code in _RETRYABLE and i + 1 < len(attempts)
                 tried.append(f"{server.label} ({server.target}): {exc}")
