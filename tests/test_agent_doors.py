@@ -146,11 +146,10 @@ def test_message_text_and_count_tokens(claude):
     assert counted.input_tokens == reply.usage.input_tokens
 
 
-def test_x_api_key_is_checked_as_a_bearer_token(base, endpoints):
-    if base != endpoints["server"]:
-        pytest.skip("the link serves loopback only and authenticates upstream itself")
-    # A malformed lmlink token is refused even from loopback: the key is really read.
-    r = httpx.post(base + "/v1/messages", headers={"x-api-key": "lmk_bogus_token"},
+def test_x_api_key_is_checked_as_a_bearer_token(endpoints):
+    # A malformed lmlink token is refused even from loopback: the key is really read. (Server
+    # only: the link serves loopback callers and authenticates upstream itself.)
+    r = httpx.post(endpoints["server"] + "/v1/messages", headers={"x-api-key": "lmk_bogus_token"},
                    json={"model": "", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 401 and r.json()["type"] == "error"
     assert r.json()["error"]["type"] == "authentication_error"

@@ -27,7 +27,9 @@ SCHEMA = {
 }
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": SCHEMA}},
-    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 8}}, "required": ["tz"]}}},
+    # closed object: with extra keys allowed (JSON Schema's default) the grammar lets a toy model
+    # add '"": 1.1, ...' keys until max_tokens (the rebuilt built-in model does, greedily)
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 8}}, "required": ["tz"], "additionalProperties": False}}},
 ]
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 

@@ -60,16 +60,17 @@ from lmlink.client.errors import LmlinkError
 from lmlink.v1 import inference_pb2 as pb
 
 from .doors import LinkBackend, from_client_event
-from .router import NoServer, Router, Server
+from .router import DENIALS, NoServer, Router, Server
 
 log = logging.getLogger("lmlink.link")
 MAX_BODY = 4 * 1024 * 1024
 
-# Worth another server: it is down, overloaded, or no longer has the model.
+# Worth another server: it is down, overloaded, no longer has the model, or refuses this user
+# (another server may grant what this one does not).
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.CANCELLED, *DENIALS,
 }
 
 
@@ -232,6 +233,7 @@ class LinkApp:
         options = request_to_wire(call.request)  # every field, forwarded unchanged
         name = self.router.split_pin(call.model)[0]
         tried: list[str] = []
+        refusals: list[int] = []  # HTTP status of each attempt a server refused
         attempts = servers[:1] if pinned else servers[:2]
         for i, server in enumerate(attempts):
             model = (server.model_id(name) or name) if name else ""
@@ -244,10 +246,16 @@ class LinkApp:
             except LmlinkError as exc:
                 retry = exc.code in _RETRYABLE and i + 1 < len(attempts)
                 tried.append(f"{server.label} ({server.target}): {exc}")
+                if exc.code in DENIALS:
+                    refusals.append(DENIALS[exc.code])
                 if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.router.mark_failed(server, str(exc))
                 if not retry:
                     self.stats.errors += 1
+                    if len(tried) > 1 and len(refusals) == len(tried):  # all refused this user
+                        raise ApiError(403 if 403 in refusals else 401,
+                                       "refused by " + "; ".join(tried),
+                                       code=DENIAL_CODES[403 if 403 in refusals else 401]) from None
                     if len(tried) > 1 or exc.code == grpc.StatusCode.UNAVAILABLE:
                         down = [f"{s.label} ({s.target}): {s.error}"
                                 for s in self.router.servers.values()
@@ -367,7 +375,12 @@ def _local_only(request: Request) -> None:
                        code="permission_denied")
 
 
+DENIAL_CODES = {403: "permission_denied", 401: "unauthenticated"}
+
+
 def _no_server(exc: NoServer) -> ApiError:
     if exc.status == 404:
         return ApiError(404, exc.message, code="model_not_found", param="model")
+    if exc.status in DENIAL_CODES:
+        return ApiError(exc.status, exc.message, code=DENIAL_CODES[exc.status])
     return ApiError(503, exc.message, code="no_server_reachable", retry_after=2)

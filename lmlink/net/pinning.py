@@ -11,14 +11,17 @@ pin is enforced by the real handshake, not just by our probe. A changed certific
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
 import socket
 import ssl
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 from cryptography import x509
@@ -69,6 +72,18 @@ class PinStore:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else default_config_dir() / KNOWN_SERVERS
 
+    @contextmanager
+    def _changing(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write under a lock: two first contacts at once (discovery confirms the
+        mDNS and tailnet entries of one server in parallel) must not lose either pin. The
+        thread lock orders this process's threads, flock other lmlink processes."""
+        private_dir(self.path.parent)
+        with _PIN_LOCK, open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            servers = self._load()
+            yield servers
+            self._save(servers)
+
     def _load(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text())
@@ -91,29 +106,33 @@ class PinStore:
         return entry.get("fingerprint") if isinstance(entry, dict) else None
 
     def pin(self, server: str, fp: str) -> None:
-        servers = self._load()
-        servers[server] = {
-            "fingerprint": fp,
-            "first_seen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        self._save(servers)
+        with self._changing() as servers:
+            servers[server] = _entry(fp)
 
     def forget(self, server: str) -> bool:
-        servers = self._load()
-        if servers.pop(server, None) is None:
-            return False
-        self._save(servers)
-        return True
+        with self._changing() as servers:
+            return servers.pop(server, None) is not None
 
     def verify(self, server: str, fp: str) -> bool:
         """Pin on first use (returns True), accept a match (False), raise on any change."""
         pinned = self.get(server)
         if pinned is None:
-            self.pin(server, fp)
-            return True
+            with self._changing() as servers:  # look again: another thread may have pinned it
+                entry = servers.get(server)
+                pinned = entry.get("fingerprint") if isinstance(entry, dict) else None
+                if pinned is None:
+                    servers[server] = _entry(fp)
+                    return True
         if pinned != fp:
             raise FingerprintMismatch(server, pinned, fp, self.path)
         return False
+
+
+_PIN_LOCK = threading.Lock()
+
+
+def _entry(fp: str) -> dict[str, str]:
+    return {"fingerprint": fp, "first_seen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def fetch_server_certificate(
