@@ -175,7 +175,11 @@ class ModelManager:
         self._health_listeners.append(listener)
 
     async def watch_health(self, every: float = 0.25) -> None:
-        serving = self.healthy
+        # The server reports SERVING once the first model serves; from then on, follow it.
+        # (Reading `healthy` before that would start from "not serving" and miss the first
+        # failure: a cluster rank that dies then never turned health to NOT_SERVING.)
+        await self.ready.wait()
+        serving = True
         while True:
             await asyncio.sleep(every)
             ok = self.healthy
