@@ -451,8 +451,10 @@ async def adiscover(
     """Listen `timeout` seconds (mDNS), ask LocalAPI for peers, confirm every candidate.
 
     `until(endpoints)` returning True stops listening early (e.g. once a best-rank endpoint
-    is confirmed). Confirmation may add up to VERIFY_TIMEOUT seconds after listening stops.
+    is confirmed). Confirmation may add up to VERIFY_TIMEOUT seconds after listening stops, and
+    FETCH_TIMEOUT more for a tailnet peer with no connection yet (first WireGuard handshake).
     """
+    from lmlink.net.pinning import FETCH_TIMEOUT
     from lmlink.net.tailnet_discovery import tailnet_candidates
 
     settings = settings or load_settings()
@@ -461,6 +463,7 @@ async def adiscover(
     start = time.monotonic()
     found: dict[str, Endpoint] = {}
     pending: set[asyncio.Task[None]] = set()
+    checking: dict[asyncio.Task[None], Endpoint] = {}
     notes: list[str] = []
     peers_task = asyncio.ensure_future(asyncio.to_thread(_peers, localapi_socket))
 
@@ -498,6 +501,7 @@ async def adiscover(
         found[key] = ep
         task = asyncio.ensure_future(check(ep))
         pending.add(task)
+        checking[task] = ep
 
     if tailnet:
         peers, note = await peers_task
@@ -535,6 +539,11 @@ async def adiscover(
             left = start + timeout - time.monotonic()
     if pending:
         await asyncio.wait(pending, timeout=VERIFY_TIMEOUT + 1.0)
+        # A tailnet peer this device has no connection to yet may need WireGuard's handshake
+        # retry (5 s) before it answers at all: give those the certificate fetch's own bound.
+        first = [t for t in pending if not t.done() and checking[t].path == "idle"]
+        if first:
+            await asyncio.wait(first, timeout=FETCH_TIMEOUT)
     for task in pending:
         task.cancel()
     endpoints = merge_endpoints(list(found.values()))
