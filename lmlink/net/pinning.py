@@ -14,12 +14,15 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import contextlib
+import fcntl
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 from cryptography import x509
@@ -90,6 +93,21 @@ class PinStore:
             raise PinningError(f"{self.path} is not an lmlink known-servers file")
         return servers
 
+    _thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialize read-modify-write: discovery pins from several threads at once, and a
+        `lmlink link` and a CLI command may pin from two processes (flock on a side file)."""
+        private_dir(self.path.parent)
+        with self._thread_lock:
+            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
     def _save(self, servers: dict[str, Any]) -> None:
         private_dir(self.path.parent)
         body = json.dumps({"version": 1, "servers": servers}, indent=2, sort_keys=True) + "\n"
@@ -100,6 +118,10 @@ class PinStore:
         return entry.get("fingerprint") if isinstance(entry, dict) else None
 
     def pin(self, server: str, fp: str) -> None:
+        with self._locked():
+            self._pin(server, fp)
+
+    def _pin(self, server: str, fp: str) -> None:
         servers = self._load()
         servers[server] = {
             "fingerprint": fp,
@@ -108,18 +130,22 @@ class PinStore:
         self._save(servers)
 
     def forget(self, server: str) -> bool:
-        servers = self._load()
-        if servers.pop(server, None) is None:
-            return False
-        self._save(servers)
-        return True
+        with self._locked():
+            servers = self._load()
+            if servers.pop(server, None) is None:
+                return False
+            self._save(servers)
+            return True
 
     def verify(self, server: str, fp: str) -> bool:
         """Pin on first use (returns True), accept a match (False), raise on any change."""
         pinned = self.get(server)
         if pinned is None:
-            self.pin(server, fp)
-            return True
+            with self._locked():
+                pinned = self.get(server)  # another thread or process may just have pinned it
+                if pinned is None:
+                    self._pin(server, fp)
+                    return True
         if pinned != fp:
             raise FingerprintMismatch(server, pinned, fp, self.path)
         return False
