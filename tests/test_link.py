@@ -412,10 +412,13 @@ def test_routes_away_from_a_server_under_real_load(tmp_path):
         while time.monotonic() < deadline:
             seen = {d["server"]: d for d in httpx.get(url.removesuffix("/v1") + "/status",
                                                       timeout=10).json()["servers"]}
-            if seen.get("busy", {}).get("active_streams", 0) >= 1 and seen.get("idle", {}).get("up"):
+            # both measured over a few probes (the round trip is the least of them)
+            if seen.get("busy", {}).get("active_streams", 0) >= 1 and all(
+                    seen.get(n, {}).get("up") and seen[n].get("latency_samples", 0) >= 3
+                    for n in ("busy", "idle")):
                 break
             time.sleep(0.2)
-        assert seen["busy"]["active_streams"] >= 1, seen
+        assert seen["busy"]["active_streams"] >= 1 and seen["idle"]["latency_samples"] >= 3, seen
         who = set()
         for _ in range(4):
             raw = oai.chat.completions.with_raw_response.create(model="gamma", messages=ASK,

@@ -86,6 +86,7 @@ class Server:
         return {
             "server": self.label, "target": self.target, "origin": self.origin, "up": self.up,
             "path": self.path, "models": list(self.models), "latency_ms": round(self.latency_ms, 2),
+            "latency_samples": len(self.rtts),
             "active_streams": self.active, "queued_requests": self.queued,
             "link_streams": self.inflight, "error": "" if self.up else self.error,
         }
