@@ -92,3 +92,18 @@ def test_concurrent_pins_in_one_process_are_all_kept(tmp_path):
     assert not errors, errors
     assert {s: store.get(s) for s in servers} == {s: f"sha256:{s}" for s in servers}
     assert not [p for p in store.path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_client_deadline_bounds_the_certificate_fetch(tmp_path, monkeypatch):
+    """`lmlink status --timeout 3` gives up after 3 s, not after the 12 s first-contact bound."""
+    from lmlink.client import Client, Unavailable
+
+    monkeypatch.setenv("LMLINK_CONFIG_DIR", str(tmp_path / "cfg"))
+    port, _, stop = late_tls_server(tmp_path, 30)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Unavailable, match="cannot reach lmlink server.*timed out"):
+            Client(f"127.0.0.1:{port}", tls=True, timeout=1.0)
+    finally:
+        stop.set()
+    assert 0.9 < time.monotonic() - t0 < 4.0

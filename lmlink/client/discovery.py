@@ -480,7 +480,8 @@ async def adiscover(
             return
         if not verify:
             return
-        await asyncio.to_thread(_confirm, ep, VERIFY_TIMEOUT)
+        # no connection to this peer yet: its first WireGuard handshake may need the retry
+        await asyncio.to_thread(_confirm, ep, FETCH_TIMEOUT if ep.path == "idle" else VERIFY_TIMEOUT)
         if ep.path == "idle" and peers is not None:  # connecting may have set up a path
             peers, note = await asyncio.to_thread(_peers, localapi_socket)
             _apply_path(ep, peers, note)
