@@ -33,6 +33,34 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 )
 
+# Keepalive: a link that went silent (laptop asleep, phone off Wi-Fi, tunnel down) is noticed
+# within KEEPALIVE_TIME + KEEPALIVE_TIMEOUT instead of the OS's TCP timeout (minutes), and a
+# channel reconnects within RECONNECT_MAX after the path is back.
+KEEPALIVE_TIME_MS = 15_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+RECONNECT_MIN_MS = 250
+RECONNECT_MAX_MS = 2_000
+CLIENT_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_MIN_MS),
+    ("grpc.min_reconnect_backoff_ms", RECONNECT_MIN_MS),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+)
+# The server accepts those pings (its default would answer GOAWAY "too many pings") and pings
+# silent clients itself, so a vanished client's stream is detached (resumable) promptly.
+SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+# Clients resume a dropped stream for this long (the server keeps one 60 s by default).
+RESUME_WITHIN_S = 60.0
+
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})?")
 
 

@@ -70,6 +70,7 @@ class FrontDoor:
     # Ask the tailnet again who a caller is (grants change while connections stay open).
     refresh: Callable[[Identity], Awaitable[Identity | None]] | None = None
     owner_login: str = "local"  # whom an owner-bound bearer token names
+    tls: Any = None  # lmlink.net.tls.ServerTLS in tailnet modes (what phones are told)
     _expose: Callable[[int, int], Awaitable[list[str]]] | None = None
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _tmp: Any = None
@@ -244,6 +245,7 @@ async def tailnet_door(mode: str, settings: TailnetSettings) -> FrontDoor:
         public_hosts=list(public),
         refresh=refresh,
         owner_login=owner_login or "owner",
+        tls=tls,
         _expose=expose,
         _closers=closers,
         _tmp=tmp,

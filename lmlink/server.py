@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from lmlink.api.http_shell import LOOPBACK_NAMES, HttpListener, bind_socket
 from lmlink.api.limits import open_guard
 from lmlink.api.status_door import StatusViews
 from lmlink.api.models import ModelManager
+from lmlink.api.resume import ResumeOptions
 from lmlink.api.streams import StreamHub
 from lmlink.engine.engine import Engine, EngineConfig
 from lmlink.engine.loader import LoadedModel, load_model
@@ -72,6 +74,7 @@ class ServeOptions:
     mdns: bool = True  # advertise _lmlink._tcp on the LAN (loopback only in local mode)
     cluster: Any = None  # cluster rank 0: has make_engine(progress) -> Engine (lmlink.cluster)
     idle_ttl: float = 0.0  # unload models idle this many seconds (0: never)
+    resume: ResumeOptions = field(default_factory=ResumeOptions)  # dropped streams kept
     # On SIGTERM/SIGINT: stop admitting, let running streams finish this long, then cut them.
     drain_timeout: float = 30.0
     metrics_port: int | None = None  # loopback-only /metrics for a local Prometheus (no auth)
@@ -101,6 +104,11 @@ class ServeOptions:
                 draft_model=get("draft_model"),
             ),
             stream_pace_ms=get("stream_pace_ms", 10.0),
+            resume=ResumeOptions(
+                grace_seconds=max(0.0, get("resume_grace", 60.0)),
+                max_buffer_bytes=get("resume_buffer", 1024 * 1024),
+                max_detached=get("resume_max_detached", 64),
+            ),
             tailnet=TailnetSettings(
                 state_dir=Path(state_dir) if state_dir else default_state_dir(),
                 localapi_socket=get("localapi_socket"),
@@ -134,6 +142,7 @@ class RunningServer:
     stopped: asyncio.Event
     http_address: str | None = None
     tls_fingerprint: str = ""
+    phone: Any = None  # lmlink.net.phone.PhoneAdvice: the Shortcut URL (tailnet modes)
 
 
 def check_bindable(host: str, port: int) -> None:
@@ -151,7 +160,7 @@ def check_bindable(host: str, port: int) -> None:
 
 def grpc_channel_options() -> list[tuple[str, int]]:
     # Prompts can be long; keep the limit explicit on both sides (the clients use the same).
-    return list(defaults.CHANNEL_OPTIONS)
+    return [*defaults.CHANNEL_OPTIONS, *defaults.SERVER_KEEPALIVE_OPTIONS]
 
 
 async def serve(
@@ -195,7 +204,9 @@ async def serve(
         await stack.enter_async_context(models.running())
         guard.start()
         stack.push_async_callback(guard.aclose)
-        core = Core(models, guard, ServerFacts(name=options.name, listen_mode=options.listen))
+        core = Core(models, guard, ServerFacts(name=options.name, listen_mode=options.listen),
+                    options.resume)
+        stack.callback(core.streams.close)
         views = StatusViews(core)
         grpc_address, health = await stack.enter_async_context(build_grpc(core, door, options, views))
         http_address = await stack.enter_async_context(build_http(core, door, options, views))
@@ -220,9 +231,13 @@ async def serve(
         if advertiser is not None:
             await advertiser.serving(lambda: [e.model_id for e in models.engines()])
         log.info("serving %s on %s (listen mode %s)", engine.model_id, grpc_address, options.listen)
+        phone = _phone_advice(door, http_address)
+        if phone is not None:
+            core.facts = dataclasses.replace(core.facts, shortcut_url=phone.url,
+                                             shortcut_needs_profile=phone.needs_profile)
         if on_ready:
             on_ready(RunningServer(grpc_address, models.registry, signals.stopped, http_address,
-                                   door.fingerprint))
+                                   door.fingerprint, phone))
         sdnotify.ready(f"serving {engine.model_id} on {grpc_address}")
         await signals.wait()
         if not signals.stopped.is_set():  # a signal, not a caller of `stopped`: drain first
@@ -275,6 +290,16 @@ def start_metrics_port(views: StatusViews, port: int) -> Callable[[], None]:
         thread.join(5)
 
     return stop
+
+
+def _phone_advice(door: FrontDoor, http_address: str | None) -> Any:
+    """What an iPhone Shortcut calls (tailnet modes with the bridge on); None otherwise."""
+    if door.tls is None or not http_address:
+        return None
+    from lmlink.net.phone import advise
+
+    port = int(http_address.split(", ")[0].rsplit(":", 1)[1])
+    return advise(door.tls.source, door.tls.cert_chain_pem, door.public_hosts, port)
 
 
 async def _first_engine(models: ModelManager, options: ServeOptions, loaded: LoadedModel | None,

@@ -16,14 +16,25 @@ Training mixes plain corpus windows with short ChatML dialogs synthesised from
 the corpus, so chat requests get word-like answers that end in ``<|im_end|>``.
 
 Reproducibility: the same seed, steps, corpus and limit give byte-identical
-files, provided the mlx, mlx-lm and tokenizers versions, the BLAS library and
-its thread count are the same. Another BLAS (for example OpenBLAS preloaded
-instead of mlx-cpu's bundled one) rounds differently and so yields different,
-equally valid, weights. The shipped files were built on Linux x86-64 with
-Debian's OpenBLAS on 2 cores, which also makes training about 8x faster::
+files whatever the machine's core count or thread settings: before numpy or mlx
+load, the script re-executes itself with Debian's OpenBLAS preloaded (about 8x
+faster than mlx-cpu's bundled BLAS), one BLAS/OpenMP thread and, on x86-64 with
+AVX2, OpenBLAS's Haswell kernels pinned (see ``pinned_math_env``): the thread
+count and the CPU-specific kernel both change float rounding (measured: 2 threads
+give other parameters by step 20). The mlx, mlx-lm, tokenizers and OpenBLAS
+(0.3.21) versions must match; checked on a 2-core AMD EPYC VM only, so another
+CPU family giving other bytes would be a finding, not an expectation.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 \\
-        python scripts/build_builtin_model.py
+``build_manifest.json`` records the sha256 of every other file and a digest of
+the model's parameters at fixed training steps (``CHECKPOINTS`` and the last),
+so a rebuild can be checked cheaply: ``--check DIR --stop-after 20`` builds into
+a scratch directory, trains only the first 20 of the 600 steps (same schedule)
+and compares tokenizer, config and the step-20 digest with DIR; without
+``--stop-after`` it does the full build and compares every file byte for byte
+(``make rebuild-builtin``)::
+
+    python scripts/build_builtin_model.py                      # rebuild in place
+    python scripts/build_builtin_model.py --check lmlink/engine/builtin_model
 """
 
 from __future__ import annotations
@@ -32,11 +43,59 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import platform
 import re
+import shutil
+import sys
+import tempfile
 import time
+from glob import glob
+from pathlib import Path
+
+
+def pinned_math_env() -> dict[str, str]:
+    """Environment that fixes the float rounding of training on this platform.
+
+    OpenBLAS splits a matrix product differently with more threads, and its
+    dynamic-arch build picks a kernel per CPU model (Zen, SkylakeX...), each
+    summing in its own order; either changes the trained weights. Haswell's
+    kernels run on any x86-64 CPU with AVX2 and FMA, so pin those there."""
+    env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    openblas = sorted(glob("/usr/lib/*/openblas-pthread/libblas.so.3"))
+    if sys.platform == "linux" and openblas:
+        preload = [p for p in os.environ.get("LD_PRELOAD", "").split() if p and "blas" not in p]
+        env["LD_PRELOAD"] = " ".join([openblas[0], *preload])
+        if platform.machine() == "x86_64" and _cpu_has("avx2", "fma"):
+            env["OPENBLAS_CORETYPE"] = "Haswell"
+    return env
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return all(flag in words for flag in flags)
+
+
+def pin_math() -> None:
+    """Re-execute this script under ``pinned_math_env`` unless already pinned.
+
+    Must run before numpy or mlx load: BLAS reads its settings once, when loaded."""
+    wanted = pinned_math_env()
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return
+    if os.environ.get("LMLINK_BUILD_PINNED"):  # the re-exec did not take; do not loop
+        raise SystemExit(f"could not pin the math environment: {wanted}")
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted, "LMLINK_BUILD_PINNED": "1"})
+
+
+if __name__ == "__main__":
+    pin_math()
+
 from dataclasses import dataclass
 from functools import cache, partial
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -85,6 +144,8 @@ MODEL_SHAPE = {
     "tie_word_embeddings": True,
 }
 SEQ_LEN, BATCH_SIZE, LEARNING_RATE = 128, 16, 3e-3
+CHECKPOINTS = (20,)  # steps after which the manifest records a parameter digest (and the last)
+MANIFEST = "build_manifest.json"
 ANSWER_CHARS = 320  # short answers teach the model to reach <|im_end|> soon
 
 ABOUT_PROMPTS = ["Tell me about {}.", "What is {}?", "Explain {}.", "Can you describe {}?", "{}"]
@@ -272,9 +333,26 @@ def model_config(tokenizer: Tokenizer) -> dict:
     }
 
 
+def params_digest(params: dict[str, mx.array]) -> str:
+    """sha256 over every named tensor (name, dtype, shape, raw bytes), in name order.
+
+    The same function reads a training step's parameters and a saved safetensors file."""
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        value = np.array(params[name])
+        digest.update(f"{name}|{value.dtype}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def train(model: nn.Module, stream: np.ndarray, rows: np.ndarray, row_masks: np.ndarray,
-          steps: int, rng: np.random.Generator) -> list[float]:
-    """AdamW on a causal LM loss; half of each batch is plain text, half dialogs."""
+          steps: int, rng: np.random.Generator, stop_after: int | None = None,
+          checkpoints: dict[int, dict] | None = None) -> list[float]:
+    """AdamW on a causal LM loss; half of each batch is plain text, half dialogs.
+
+    The schedule always spans ``steps``; ``stop_after`` ends training early (to check
+    a rebuild cheaply). ``checkpoints`` gets the loss and parameter digest after each
+    step in CHECKPOINTS and after the last step."""
     warmup = max(1, min(50, steps // 10))
     schedule = optim.join_schedules(
         [optim.linear_schedule(0.0, LEARNING_RATE, warmup),
@@ -298,7 +376,7 @@ def train(model: nn.Module, stream: np.ndarray, rows: np.ndarray, row_masks: np.
 
     half = BATCH_SIZE // 2
     losses: list[float] = []
-    for i in range(steps):
+    for i in range(steps if stop_after is None else min(steps, stop_after)):
         starts = rng.integers(0, len(stream) - SEQ_LEN - 1, half)
         picks = rng.integers(0, len(rows), BATCH_SIZE - half)
         batch = np.concatenate([np.stack([stream[s: s + SEQ_LEN + 1] for s in starts]), rows[picks]])
@@ -306,6 +384,8 @@ def train(model: nn.Module, stream: np.ndarray, rows: np.ndarray, row_masks: np.
         loss = step(mx.array(batch[:, :-1]), mx.array(batch[:, 1:]), mx.array(mask[:, 1:]))
         mx.eval(loss, state)
         losses.append(loss.item())
+        if checkpoints is not None and (i + 1 in CHECKPOINTS or i + 1 == steps):
+            checkpoints[i + 1] = {"loss": losses[-1], "params_sha256": params_digest(dict(tree_flatten(model.parameters())))}
         if (i + 1) % 50 == 0 or i + 1 == steps:
             print(f"step {i + 1}/{steps} loss {np.mean(losses[-50:]):.3f}", flush=True)
     return losses
@@ -344,18 +424,82 @@ or `lmlink serve` (the default model is `builtin`).
 """
 
 
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(out: Path, checkpoints: dict[int, dict], stop_after: int | None) -> None:
+    """Digests of the files just written and of the parameters at each checkpoint."""
+    manifest = {
+        "built_with": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "tokenizers": tokenizers.__version__,
+                       "pinned_env": {k: os.environ.get(k, "") for k in pinned_math_env() if k != "LD_PRELOAD"}},
+        "stopped_after": stop_after,
+        "checkpoints": {str(step): checkpoints[step] for step in sorted(checkpoints)},
+        "files": {p.name: file_digest(p) for p in sorted(out.iterdir()) if p.name != MANIFEST},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def compare(built: Path, reference: Path) -> list[str]:
+    """Differences between a (possibly partial) build and a shipped directory, as sentences."""
+    ours = json.loads((built / MANIFEST).read_text())
+    theirs = json.loads((reference / MANIFEST).read_text())
+    problems = []
+    if ours["stopped_after"] is None:  # full build: the directories must be identical
+        names = sorted(p.name for p in built.iterdir())
+        if names != sorted(p.name for p in reference.iterdir()):
+            problems.append(f"files differ: built {names}, shipped {sorted(p.name for p in reference.iterdir())}")
+        problems += [f"{n} differs" for n in names
+                     if (reference / n).exists() and (built / n).read_bytes() != (reference / n).read_bytes()]
+        return problems
+    for name, digest in ours["files"].items():
+        if theirs["files"].get(name) != digest:
+            problems.append(f"{name} differs from the shipped one")
+    for step, state in ours["checkpoints"].items():
+        if theirs["checkpoints"].get(step) != state:
+            problems.append(f"step {step}: built {state}, shipped {theirs['checkpoints'].get(step)}")
+    if not ours["checkpoints"]:
+        problems.append("no checkpoint reached: use --stop-after with a step in CHECKPOINTS")
+    return problems
+
+
 def main() -> None:
     """Corpus -> tokenizer -> training data -> trained model -> files in --out."""
     parser = argparse.ArgumentParser(description="Build lmlink's built-in toy model.")
-    parser.add_argument("--out", type=Path, default=REPO / "lmlink" / "engine" / "builtin_model")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: the shipped one, or a scratch one with --check)")
     parser.add_argument("--corpus", type=Path, default=REPO / "data" / "corpus")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus-limit-bytes", type=int, default=None,
                         help="use only the first N bytes of the corpus (for quick test builds)")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                        help="train only the first STEP steps of the schedule and write no weights")
+    parser.add_argument("--check", type=Path, default=None, metavar="DIR",
+                        help="build, then compare with DIR (byte for byte, or by checkpoint with --stop-after)")
     args = parser.parse_args()
-    started = time.perf_counter()
+    scratch = None
+    if args.out is None:
+        if args.check is not None:
+            scratch = args.out = Path(tempfile.mkdtemp(prefix="lmlink-builtin-"))
+        else:
+            args.out = REPO / "lmlink" / "engine" / "builtin_model"
+    try:
+        build(args)
+        if args.check is not None:
+            problems = compare(args.out, args.check)
+            for problem in problems:
+                print(f"MISMATCH: {problem}", flush=True)
+            if problems:
+                raise SystemExit(1)
+            print(f"rebuild matches {args.check}")
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
+
+def build(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
     documents = read_corpus(args.corpus, args.corpus_limit_bytes)
     tokenizer = train_tokenizer(documents)
     rng = np.random.default_rng(args.seed)
@@ -369,16 +513,19 @@ def main() -> None:
     model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     trained = time.perf_counter()
-    losses = train(model, stream, rows, row_masks, args.steps, rng)
-    print(f"{params:,} parameters, {args.steps} steps in {time.perf_counter() - trained:.1f}s", flush=True)
+    checkpoints: dict[int, dict] = {}
+    losses = train(model, stream, rows, row_masks, args.steps, rng, args.stop_after, checkpoints)
+    print(f"{params:,} parameters, {len(losses)} steps in {time.perf_counter() - trained:.1f}s", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.out / "tokenizer.json"))
     (args.out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer), indent=2) + "\n")
-    save_model(args.out, model)
     save_config(dict(config), args.out / "config.json")
-    final_loss = float(np.mean(losses[-50:])) if losses else math.nan
-    (args.out / "README.md").write_text(model_card(config, params, args.steps, final_loss, documents, args.seed))
+    if args.stop_after is None:
+        save_model(args.out, model)
+        final_loss = float(np.mean(losses[-50:])) if losses else math.nan
+        (args.out / "README.md").write_text(model_card(config, params, args.steps, final_loss, documents, args.seed))
+    write_manifest(args.out, checkpoints, args.stop_after)
     print(f"wrote {args.out} ({time.perf_counter() - started:.1f}s total)")
 
 

@@ -38,19 +38,21 @@ TIERS: dict[str, tuple[str, ...]] = {
     # (these three use WireGuard tunnels and the LocalAPI stand-in, not a real tailnet)
     "test_discovery_tailnet.py": ("netns",),
     "test_net_netns.py": ("netns",),
+    "test_link_denied_netns.py": ("netns",),
     "test_serve_tailnet.py": ("netns",),
     "test_sharing_tailnet.py": ("netns",),
+    "test_resume_netns.py": ("netns",),  # a WireGuard underlay taken down and up (~40 s)
     # real headscale + tailscaled (they also carry the real_tailnet mark themselves)
     "test_real_tailnet.py": ("netns", "slow"),
     "test_real_tailnet_tsnet.py": ("netns", "slow"),
     "test_real_tailnet_userspace.py": ("netns", "slow"),
+    "test_phone_real_tailnet.py": ("netns", "slow"),
     "test_cluster.py": ("cluster", "slow"),
     # Several servers per test, restarts, or timing measurements (10-55 s each here).
     "test_link.py": ("slow",),
     "test_link_latency.py": ("slow",),
     "test_sharing_restart.py": ("slow",),
     "test_observe_server.py": ("slow",),
-    "test_builtin_model.py::test_build_script_is_deterministic": ("slow",),
     # SmolLM2-135M through real servers (~2 min); llama.cpp comparisons (`make test-reference`).
     "test_real_model.py": ("real_model", "slow"),
     "test_gguf_reference.py": ("reference", "slow"),

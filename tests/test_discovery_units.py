@@ -180,3 +180,30 @@ def test_merge_folds_a_slow_tailnet_check_into_the_confirmed_mdns_answer():
     assert merged[0].peer == "studio.ts.net"
     # a confirmed server with another certificate at that address is a conflict: keep both
     assert len(merge_endpoints([lan, other_cert])) == 2
+
+
+def test_merge_confirms_a_slow_mdns_check_by_its_tailnet_twin():
+    """The other order of the race above (a real flake in test_discovery_netns): the mDNS
+    answer's own check did not finish, the tailnet entry at its address was presented exactly
+    the advertised certificate. One server, one entry; a forged answer stays apart."""
+    from lmlink.client.discovery import Endpoint, merge_endpoints
+
+    def answer(status: str, advertised: str = "sha256:aa") -> Endpoint:
+        return Endpoint("100.87.0.1:47470", "mdns", origins=("mdns",), name="studio",
+                        advertised_fingerprint=advertised, http="100.87.0.1:47471", status=status)
+
+    twin = Endpoint("100.87.0.1:47470", "tailnet", origins=("tailnet",), name="studio",
+                    peer="studio.ts.net", fingerprint="sha256:aa", status="ok",
+                    models=("lmlink-tiny",), model_count=1, protocol=1, mode="tailscaled")
+    for status in ("unverified", "unreachable"):
+        [one] = merge_endpoints([answer(status), twin])
+        assert (one.origin, one.origins, one.status) == ("mdns", ("mdns", "tailnet"), "ok")
+        assert one.fingerprint == "sha256:aa" and one.models == ("lmlink-tiny",)
+        assert one.http == "100.87.0.1:47471" and one.peer == "studio.ts.net"
+    # a spoofed answer naming the real address with another certificate: never confirmed
+    for forged in (answer("rejected", "sha256:ee"), answer("unverified", "sha256:ee")):
+        merged = merge_endpoints([forged, twin])
+        assert len(merged) == 2 and forged.status != "ok"
+    # nor by a twin that is not confirmed itself
+    slow_twin = Endpoint("100.87.0.1:47470", "tailnet", origins=("tailnet",), status="unreachable")
+    assert all(e.status != "ok" for e in merge_endpoints([answer("unverified"), slow_twin]))

@@ -29,7 +29,9 @@ from lmlink.access.identity import Identity, loopback_owner
 from lmlink.api.conversations import ConversationStore
 from lmlink.api.gate import LoopbackGate, Verdict
 from lmlink.api.http_bridge import BridgeOptions, HttpBridge
+from lmlink.api.resume import ResumeOptions
 from lmlink.client import Client
+from conftest import start_server, stop_server
 from support.checks import wait_idle
 from support.inprocess import http_bridge
 from lmlink.engine.types import ChatTurn
@@ -174,7 +176,13 @@ def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 def sse_lines(output: str) -> list[str]:
-    return [line for line in output.split("\n") if line]
+    """The data and comment lines (not the `id:` lines resuming uses)."""
+    return [line for line in output.split("\n") if line and not line.startswith("id: ")]
+
+
+def sse_ids(output: str) -> list[tuple[str, int]]:
+    ids = [line[len("id: "):].rpartition(":") for line in output.split("\n") if line.startswith("id: ")]
+    return [(rid, int(n)) for rid, _, n in ids]
 
 
 def test_curl_sse_stream(server, grpc_client):
@@ -191,6 +199,11 @@ def test_curl_sse_stream(server, grpc_client):
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
     assert text == expected.text
     assert events[-1]["choices"][0]["finish_reason"] == expected.finish_reason
+    # Every data event but [DONE] carries `id: REQUEST_ID:N`, N rising: what resuming takes.
+    ids = sse_ids(payload)
+    rid = re.search(r"x-request-id: (\S+)", head, re.I).group(1)
+    assert len(ids) == len(events) and {r for r, _ in ids} == {rid}
+    assert [n for _, n in ids] == sorted({n for _, n in ids}) and ids[0][1] == 0
 
 
 def test_curl_sse_comments_while_a_long_prompt_is_processed(server, grpc_client):
@@ -387,6 +400,10 @@ def test_duplicate_request_id_is_409(server):
         next(lines)  # streaming: the id is in use
         again = httpx.post(url, headers=headers, json={"prompt": "x", "max_tokens": 2})
         assert assert_openai_error(again, 409)["code"] == "duplicate_request_id"
+    # Left mid-stream: kept for resuming, so cancel it explicitly (not kept after that).
+    gone = httpx.delete(f"{server.http_url}/v1/streams/http-dup-1")
+    assert gone.status_code == 200 and gone.json() == {"cancelled": True}
+    assert httpx.get(f"{server.http_url}/v1/streams/http-dup-1").status_code == 404
     too_long = httpx.post(url, headers={"x-request-id": "x" * 200}, json={"prompt": "x"})
     assert_openai_error(too_long, 400, "request id")
 
@@ -394,7 +411,23 @@ def test_duplicate_request_id_is_409(server):
 # ----- cancellation ---------------------------------------------------------------------------
 
 
-def test_stream_disconnect_frees_the_slot(server, grpc_client):
+@pytest.fixture(scope="module")
+def no_resume_server():
+    """A server with resuming off (`--resume-grace 0`): a client that leaves cancels at once.
+    (With resuming on, tests/test_resume.py shows the stream kept, then expired.)"""
+    srv = start_server("--resume-grace", "0")
+    yield srv
+    stop_server(srv.process)
+
+
+@pytest.fixture
+def no_resume(no_resume_server):
+    with Client(no_resume_server.address, timeout=60) as c:
+        yield no_resume_server, c
+
+
+def test_stream_disconnect_frees_the_slot(no_resume):
+    server, grpc_client = no_resume
     assert wait_idle(grpc_client) == 0
     with httpx.stream("POST", f"{server.http_url}/v1/completions", timeout=60,
                       json={"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True, "stream": True}) as r:
@@ -406,7 +439,8 @@ def test_stream_disconnect_frees_the_slot(server, grpc_client):
     assert wait_idle(grpc_client) == 0, "a disconnected SSE client still holds a batch slot"
 
 
-def test_curl_killed_mid_stream_frees_the_slot(server, grpc_client):
+def test_curl_killed_mid_stream_frees_the_slot(no_resume):
+    server, grpc_client = no_resume
     body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True, "stream": True})
     proc = subprocess.Popen(["curl", "-sN", "-H", "Content-Type: application/json", "-d", body,
                              f"{server.http_url}/v1/completions"], stdout=subprocess.PIPE)
@@ -417,7 +451,8 @@ def test_curl_killed_mid_stream_frees_the_slot(server, grpc_client):
     assert wait_idle(grpc_client) == 0
 
 
-def test_non_streaming_disconnect_frees_the_slot(server, grpc_client):
+def test_non_streaming_disconnect_frees_the_slot(no_resume):
+    server, grpc_client = no_resume
     assert wait_idle(grpc_client) == 0
     path = "/v1/completions"
     payload = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True}).encode()
@@ -575,10 +610,12 @@ async def test_shortcut_client_leaving_cancels_the_generation():
 
 async def test_keepalive_comments_while_waiting_and_disconnect_cancels():
     silent = SilentEngine()
-    async with bridge(silent, keepalive_seconds=0.05) as (url, _), httpx.AsyncClient(base_url=url, timeout=30) as h:
+    async with bridge(silent, keepalive_seconds=0.05) as (url, b), httpx.AsyncClient(base_url=url, timeout=30) as h:
+        b.core.streams.options = ResumeOptions(grace_seconds=0)  # leaving cancels at once
         async with h.stream("POST", "/v1/chat/completions", headers={"x-request-id": "wait-1"},
                             json={"messages": QUESTION, "stream": True}) as r:
             lines = r.aiter_lines()
+            assert await anext(lines) == "id: wait-1:0"
             assert json.loads((await anext(lines))[len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
             comments = [line async for line in _take(lines, 3)]
             assert set(comments) == {": keep-alive"}

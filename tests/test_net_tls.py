@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 
 import grpc
 import pytest
@@ -203,6 +204,35 @@ async def test_without_mtls_client_certs_are_not_requested(tmp_path):
         assert enrolled_device(seen[-1]) is None
     finally:
         await server.stop(None)
+
+
+def test_first_contacts_at_once_keep_every_pin(tmp_path):
+    """Discovery confirms the mDNS and tailnet entries of one server in parallel threads, both
+    pinning on first use. The temp file shared by same-process writers made one of them fail
+    (FileNotFoundError from the rename, leaving that entry unconfirmed: the server listed twice
+    by `discover`) and the read-modify-write lost pins; 8 threads at once show both."""
+    store = PinStore(tmp_path / "cfg" / "known_servers.json")
+    start = threading.Barrier(8)
+    errors: list[str] = []
+
+    def first_contact(i: int) -> None:
+        start.wait()
+        try:
+            for server in (f"100.64.0.{i}:47470", "100.64.0.99:47470"):  # own server, then a shared one
+                store.verify(server, "sha256:" + ("99" if server.startswith("100.64.0.99") else f"{i:02x}") * 32)
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=first_contact, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [store.get(f"100.64.0.{i}:47470") for i in range(8)] == ["sha256:" + f"{i:02x}" * 32 for i in range(8)]
+    assert store.get("100.64.0.99:47470") == "sha256:" + "99" * 32
+    assert mode(store.path) == 0o600
+    assert [p.name for p in store.path.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_client_cert_store_modes(tmp_path):

@@ -255,3 +255,31 @@ def test_lmlink_top_shows_streams_over_grpc(tmp_path):
             s.join(0)
     finally:
         stop_server(srv.process)
+
+
+def test_link_status_page_shows_servers_and_routing_choices(tmp_path):
+    from support.link import start_link
+
+    srv = _state_dir_server(tmp_path)
+    link = None
+    try:
+        link, url = start_link(srv.address)
+        base = url.removesuffix("/v1")
+        r = httpx.post(f"{url}/chat/completions", timeout=60,
+                       json={"model": srv.model, "messages": HI, "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        dom = _chromium_run(f"{base}/", "--dump-dom")
+        servers, routes = _table(dom, "servers"), _table(dom, "routes")
+        assert len(servers) == 1 and srv.address in servers[0][0] and servers[0][1] == "loopback"
+        assert float(servers[0][2]) > 0  # a measured latency
+        assert [row[1:] for row in routes] == [[srv.model, servers[0][0].split(" ")[0],
+                                                "best path, latency and load"]]
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "link-page.png"
+        shot.unlink(missing_ok=True)
+        _chromium_run(f"{base}/", f"--screenshot={shot}", "--window-size=390,844")
+        assert shot.stat().st_size > 5000
+    finally:
+        if link is not None:
+            stop_server(link)
+        stop_server(srv.process)

@@ -29,6 +29,7 @@ def test_service_surface():
 
     service = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Generate", "ListModels", "GetServerInfo", "Cancel", "LoadModel", "UnloadModel"}
+    assert set(methods) == {"Generate", "ListModels", "GetServerInfo", "Cancel", "LoadModel", "UnloadModel", "Resume"}
     assert methods["LoadModel"].server_streaming and not methods["UnloadModel"].server_streaming
+    assert methods["Resume"].server_streaming and methods["Resume"].output_type.name == "GenerateEvent"
     assert methods["Generate"].server_streaming

@@ -201,9 +201,8 @@ def test_link_granted_and_denied(lab):
     assert code == 200, text
     assert len([x for x in text.splitlines() if x.startswith("data: {")]) >= 2, text
     code, text = results["eve"]
-    # the link's only server refuses her: the link says so, with the server's reason
-    # (it answers 503 "no server reachable" rather than 403; noted for the link's owners)
-    assert code in (403, 503), (code, text)
+    # the link's only server refuses her: the link says so (403), with the server's reason
+    assert code == 403, (code, text)
     assert EVE_DENIED in json.loads(text)["error"]["message"], text
 
 

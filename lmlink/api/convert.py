@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from lmlink.engine.types import (
-    ChatTurn,
     Completed,
     Event,
     GenerationRequest,
@@ -11,6 +10,14 @@ from lmlink.engine.types import (
     SamplingOptions,
     Started,
     TokenDelta,
+    ToolCallEvent,
+)
+
+from .agent_wire import (
+    agent_fields_from_wire,
+    logprobs_to_wire,
+    tool_call_to_wire,
+    turn_from_wire,
 )
 from lmlink.v1 import inference_pb2 as pb
 
@@ -21,6 +28,7 @@ _FINISH = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "cancelled": pb.FINISH_REASON_CANCELLED,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -49,10 +57,13 @@ def request_from_wire(req: pb.GenerateRequest, owner: str = "") -> GenerationReq
         raise CallError(ErrorKind.INVALID_ARGUMENT,
                         "request has no input: set chat messages or a prompt")
     sampling = sampling_from_wire(req.sampling)
+    sampling, agent = agent_fields_from_wire(req, sampling)
     if which == "chat":
-        messages = tuple(ChatTurn(m.role, m.content) for m in req.chat.messages)
-        return GenerationRequest(req.request_id, messages=messages, sampling=sampling, owner=owner)
-    return GenerationRequest(req.request_id, prompt=req.prompt, sampling=sampling, owner=owner)
+        messages = tuple(turn_from_wire(m) for m in req.chat.messages)
+        return GenerationRequest(
+            req.request_id, messages=messages, sampling=sampling, owner=owner, **agent
+        )
+    return GenerationRequest(req.request_id, prompt=req.prompt, sampling=sampling, owner=owner, **agent)
 
 
 def merge_deltas(events: list[Event]) -> list[Event]:
@@ -61,17 +72,28 @@ def merge_deltas(events: list[Event]) -> list[Event]:
     for ev in events:
         last = merged[-1] if merged else None
         if isinstance(ev, TokenDelta) and isinstance(last, TokenDelta):
-            merged[-1] = TokenDelta(last.text + ev.text, last.token_ids + ev.token_ids)
+            lps = None if last.logprobs is None and ev.logprobs is None else \
+                (last.logprobs or []) + (ev.logprobs or [])
+            merged[-1] = TokenDelta(last.text + ev.text, last.token_ids + ev.token_ids, lps)
         else:
             merged.append(ev)
     return merged
 
 
-def event_to_wire(event: Event, request_id: str) -> pb.GenerateEvent:
+def event_to_wire(event: Event, request_id: str, index: int = 0) -> pb.GenerateEvent:
+    message = _event_to_wire(event, request_id)
+    message.index = index
+    return message
+
+
+def _event_to_wire(event: Event, request_id: str) -> pb.GenerateEvent:
     if isinstance(event, TokenDelta):
-        return pb.GenerateEvent(
-            request_id=request_id, delta=pb.TokenDelta(text=event.text, token_ids=event.token_ids)
-        )
+        delta = pb.TokenDelta(text=event.text, token_ids=event.token_ids)
+        if event.logprobs:
+            delta.logprobs.extend(logprobs_to_wire(event.logprobs))
+        return pb.GenerateEvent(request_id=request_id, delta=delta)
+    if isinstance(event, ToolCallEvent):
+        return pb.GenerateEvent(request_id=request_id, tool_call=tool_call_to_wire(event.call))
     if isinstance(event, Started):
         return pb.GenerateEvent(
             request_id=request_id,

@@ -32,6 +32,7 @@ from .convert import merge_deltas
 from .errors import CallError, ErrorKind
 from .limits import Caller, Guard, Lease
 from .models import LoadStep, ModelManager, Unloaded
+from .resume import ResumeOptions, ResumeStore, Tap
 from .streams import EventQueue
 
 log = logging.getLogger("lmlink.api")
@@ -50,6 +51,8 @@ class ServerFacts:
     name: str
     listen_mode: str
     started_at: float = field(default_factory=time.time)
+    shortcut_url: str = ""  # lmlink.net.phone: what a phone calls (tailnet modes)
+    shortcut_needs_profile: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class ServerSnapshot:
     ranks: list[RankState] = field(default_factory=list)
     cluster_backend: str = ""
     cluster_sharding: str = ""
+    shortcut_url: str = ""
+    shortcut_needs_profile: bool = False
 
 
 def owner_key(identity: Identity) -> str:
@@ -203,10 +208,12 @@ class Generation:
 class Core:
     """The transport-neutral call path over a ModelManager and a Guard."""
 
-    def __init__(self, models: ModelManager, guard: Guard, facts: ServerFacts) -> None:
+    def __init__(self, models: ModelManager, guard: Guard, facts: ServerFacts,
+                 resume: ResumeOptions | None = None) -> None:
         self.models = models
         self.guard = guard
         self.facts = facts
+        self.streams = ResumeStore(resume)  # streamed answers, resumable (lmlink.api.resume)
         self.identify = self._identify  # swappable, like golink's currentUser(r)
         self.draining = False  # shutting down: no new calls, running ones may finish
 
@@ -296,6 +303,8 @@ class Core:
             generated_tokens=sum(s.generated_tokens for s in stats),
             recent_tokens_per_second=sum(s.recent_tokens_per_second for s in stats),
             caller=caller.identity,
+            shortcut_url=self.facts.shortcut_url,
+            shortcut_needs_profile=self.facts.shortcut_needs_profile,
             **_cluster_fields(engines),
         )
 
@@ -306,7 +315,21 @@ class Core:
             raise CallError(ErrorKind.INVALID_ARGUMENT, "request_id is required",
                             param="request_id")
         owner = None if caller.identity.is_owner else owner_key(caller.identity)
-        return any(e.cancel(request_id, owner) for e in self.models.engines())
+        cancelled = any(e.cancel(request_id, owner) for e in self.models.engines())
+        return self.streams.forget(request_id, owner) or cancelled  # cancelled: not kept
+
+    def stream(self, gen: Generation, **meta: Any) -> Tap:
+        """Hand a streamed Generation to the resume store; doors read the returned Tap."""
+        return self.streams.start(gen, owner_key(gen.caller.identity), **meta)
+
+    def resume(self, caller: Caller, request_id: str) -> Tap:
+        """This caller's dropped stream (NOT_FOUND if unknown, expired or someone else's)."""
+        if not request_id:
+            raise CallError(ErrorKind.INVALID_ARGUMENT, "request_id is required",
+                            param="request_id")
+        tap = self.streams.find(request_id, owner_key(caller.identity))
+        self.require(caller, "generate", tap.model)
+        return tap
 
     # ----- model management (owner only) -------------------------------------------------------
 

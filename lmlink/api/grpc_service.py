@@ -7,6 +7,7 @@ method so a `CallError` ends the call with its status, kind and retry hint.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Callable, NoReturn
 
 import grpc
@@ -20,6 +21,7 @@ from .core import Core, ServerSnapshot
 from .errors import CallError, ErrorKind
 from .limits import Caller
 from .models import LoadStep
+from .resume import Tap
 
 
 async def abort(context: grpc.aio.ServicerContext, error: CallError) -> NoReturn:
@@ -109,9 +111,28 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         caller = await self._caller(context)
         gen = await self.core.open(caller, request.model, request_from_wire(request), "grpc")
-        async with gen:
-            async for event in gen:
-                yield event_to_wire(event, gen.request_id)
+        async for message in self._follow(context, self.core.stream(gen), 0):
+            yield message
+
+    async def Resume(
+        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        tap = self.core.resume(await self._caller(context), request.request_id)
+        async for message in self._follow(context, tap, request.after):
+            yield message
+
+    async def _follow(self, context: grpc.aio.ServicerContext, tap: Tap,
+                      after: int) -> AsyncIterator[pb.GenerateEvent]:
+        """A stream's events after `after`; a caller who leaves detaches (lmlink.api.resume)."""
+        with tap.reader(after) as reader:
+            try:
+                async for n, event in reader.events():
+                    yield event_to_wire(event, tap.request_id, n)
+            except (asyncio.CancelledError, GeneratorExit):
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    tap.cancelled = True  # the caller's deadline passed: not a dropped link
+                raise
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -189,4 +210,6 @@ def _info_wire(info: ServerSnapshot) -> pb.ServerInfo:
                for r in info.ranks],
         cluster_backend=info.cluster_backend,
         cluster_sharding=info.cluster_sharding,
+        shortcut_url=info.shortcut_url,
+        shortcut_needs_profile=info.shortcut_needs_profile,
     )

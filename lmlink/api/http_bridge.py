@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Collection
+from typing import Any, Callable, Collection
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -24,18 +24,16 @@ from starlette.routing import Route
 from lmlink.access.identity import Identity
 from lmlink.engine.types import (
     ChatTurn,
-    Completed,
     GenerationRequest,
-    PromptProgress,
     SamplingOptions,
-    TokenDelta,
 )
 
+from .agent_doors import AGENT_PATHS, agent_routes
 from .conversations import ConversationStore
+from .core_backend import CoreBackend
 from .core import Core, Generation
 from .errors import CallError, ErrorKind
 from .http_shell import (
-    KEEPALIVE,
     LOOPBACK_NAMES,
     ClientGone,
     EventStream,
@@ -45,15 +43,15 @@ from .http_shell import (
     read_body,
     unless_disconnected,
 )
+from .door_common import ResponseStore
+from .http_resume import StreamRoutes, sse
 from .limits import Caller
+from .openai_agent import Extras
 from .openai_schema import (
-    DONE,
     ApiError,
-    ChunkEncoder,
     CompletionCall,
     check_request_id,
     completion_body,
-    error_event,
     model_card,
     parse_chat,
     parse_completion,
@@ -91,6 +89,7 @@ class HttpBridge:
             max_conversations=self.options.max_conversations,
             ttl_seconds=self.options.conversation_ttl_seconds,
         )
+        self.responses = ResponseStore()  # previous_response_id state, bounded per caller
         self._started = int(time.time())
         self.views = views or StatusViews(core)
 
@@ -103,12 +102,15 @@ class HttpBridge:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/v1/shortcuts/ask", self.shortcuts_ask, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
+                *StreamRoutes(self.core, self.options.keepalive_seconds).routes(),
+                # Responses and Anthropic Messages: door modules over the same call core.
+                *agent_routes(CoreBackend(self.core, self.options.keepalive_seconds), self.responses),
                 *self.views.routes(self._caller),
             ],
             allowed_hosts=self.options.allowed_hosts,
             allowed_origins=self.options.allowed_origins,
             # The Shortcut endpoint also takes forms and text; the Origin check guards it.
-            json_paths=("/v1/chat/completions", "/v1/completions"),
+            json_paths=("/v1/chat/completions", "/v1/completions", *AGENT_PATHS),
         )
 
     async def _caller(self, request: Request) -> Caller:
@@ -140,46 +142,19 @@ class HttpBridge:
         call = parse(body, request_id=request_id)
         gen = await self.core.open(caller, call.model, call.request, "http")
         headers = {"x-request-id": gen.request_id}
-        if call.stream:
-            return EventStream(self._chunks(gen, call), headers, on_close=gen.close)
+        if call.stream:  # resumable (lmlink.api.http_resume), one write per engine step
+            tap = self.core.stream(gen, kind=call.kind, include_usage=call.include_usage)
+            return EventStream(sse(tap, 0, self.options.keepalive_seconds, opening=True),
+                               headers, on_close=tap.release)
+        extras = Extras()  # text, tool calls and logprobs
         async with gen:
             try:
-                text, done = await unless_disconnected(request.receive, gen.collect())
+                done = await unless_disconnected(request.receive, extras.collect(gen))
             except ClientGone:
                 return Response(status_code=499)  # nobody is listening; the slot is already free
-        body = completion_body(call.kind, gen.request_id, gen.created, gen.model, text,
-                               done.finish_reason, done)
+        body = completion_body(call.kind, gen.request_id, gen.created, gen.model, extras.text,
+                               done.finish_reason, done, extras)
         return JSONResponse(body, headers=headers)
-
-    async def _chunks(self, gen: Generation, call: CompletionCall) -> AsyncIterator[bytes]:
-        """SSE chunks, one write per engine step however many tokens it carried."""
-        encoder = ChunkEncoder(call.kind, gen.request_id, gen.created, gen.model, call.include_usage)
-        async with gen:
-            opening = encoder.role()
-            if opening:
-                yield opening
-            while not gen.finished:
-                out: list[bytes] = []
-                try:
-                    events = await gen.next_step(self.options.keepalive_seconds)
-                except CallError as error:  # failed or cut mid-stream: OpenAI's in-band error
-                    yield error_event(error) + DONE
-                    return
-                if events is None:
-                    out.append(KEEPALIVE)
-                for event in events or ():
-                    if isinstance(event, TokenDelta):
-                        if event.text:
-                            out.append(encoder.delta(event.text))
-                    elif isinstance(event, PromptProgress):
-                        out.append(b": prompt %d/%d\n\n" % (event.processed_tokens, event.total_tokens))
-                    elif isinstance(event, Completed):
-                        out.append(encoder.finish(event.finish_reason))
-                        if call.include_usage:
-                            out.append(encoder.usage(event))
-                        out.append(DONE)
-                if out:
-                    yield b"".join(out)
 
     async def list_models(self, request: Request) -> Response:
         caller = await self._caller(request)

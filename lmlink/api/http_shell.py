@@ -31,6 +31,14 @@ T = TypeVar("T")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 KEEPALIVE = b": keep-alive\n\n"
 
+# For the self-contained status pages: only their own inline script, talking only to us.
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                               "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+
 
 class ClientGone(Exception):
     """The HTTP client disconnected before its answer was complete."""

@@ -4,8 +4,9 @@ Why a module of its own, with no web framework in it: the HTTP bridge should onl
 check access and move bytes, while this mapping (which fields exist, which we refuse, what the
 answer looks like) is testable on its own and reusable by a future `lmlink link` forwarder.
 
-Fields we cannot honour but that change the *shape* of an answer (n > 1, tools, logprobs,
-echo, JSON response formats) are refused with a 400 rather than silently ignored; knobs that
+Tools, tool_choice, response_format and logprobs are parsed by lmlink.api.openai_agent and
+enforced by the engine. Fields we cannot honour but that change the *shape* of an answer
+(n > 1, legacy `functions`, echo, suffix) are refused with a 400 rather than silently ignored; knobs that
 only nudge sampling and that we do not implement (presence/frequency penalties, logit_bias,
 user, metadata, ...) are accepted and ignored, as most OpenAI-compatible servers do.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, Protocol
 
 from lmlink.engine.types import ChatTurn, GenerationRequest, SamplingOptions
@@ -131,7 +132,15 @@ def parse_chat(body: Any, *, request_id: str = "", owner: str = "") -> Completio
     if not isinstance(raw, list) or not raw:
         raise _invalid("messages must be a non-empty list of chat messages", "messages")
     messages = tuple(_chat_turn(m, i) for i, m in enumerate(raw))
-    request = GenerationRequest(request_id, messages=messages, sampling=_sampling(body), owner=owner)
+    from . import openai_agent as agent
+
+    sampling = replace(_sampling(body), logprobs=agent.parse_chat_logprobs(body))
+    request = GenerationRequest(
+        request_id, messages=messages, sampling=sampling, owner=owner,
+        tools=agent.parse_tools(body.get("tools")),
+        tool_choice=agent.parse_tool_choice(body.get("tool_choice")),
+        response_format=agent.parse_response_format(body.get("response_format")),
+    )
     return _call("chat", body, request)
 
 
@@ -151,7 +160,13 @@ def parse_completion(body: Any, *, request_id: str = "", owner: str = "") -> Com
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         raise _unsupported("only best_of=1 is supported", "best_of")
-    request = GenerationRequest(request_id, prompt=prompt, sampling=_sampling(body), owner=owner)
+    from . import openai_agent as agent
+
+    sampling = replace(_sampling(body), logprobs=agent.parse_completion_logprobs(body))
+    request = GenerationRequest(
+        request_id, prompt=prompt, sampling=sampling, owner=owner,
+        response_format=agent.parse_response_format(body.get("response_format")),
+    )
     return _call("text", body, request)
 
 
@@ -185,14 +200,8 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     n = _opt(body, "n", int)
     if n is not None and n != 1:
         raise _unsupported("only n=1 is supported", "n")
-    if body.get("tools") or body.get("functions"):
-        raise _unsupported("tool and function calling are not supported", "tools")
-    logprobs = body.get("logprobs")
-    if logprobs not in (None, False, 0) or body.get("top_logprobs"):
-        raise _unsupported("logprobs are not supported", "logprobs")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
-        raise _unsupported("only the text response_format is supported", "response_format")
+    if body.get("functions") or body.get("function_call"):
+        raise _unsupported("legacy functions are not supported; use tools", "functions")
 
 
 def _chat_turn(raw: Any, i: int) -> ChatTurn:
@@ -204,13 +213,18 @@ def _chat_turn(raw: Any, i: int) -> ChatTurn:
         raise _invalid(f"{where}.role must be a string", f"{where}.role")
     if role == "developer":  # OpenAI's newer name for the system role
         role = "system"
-    return ChatTurn(role, _content(raw.get("content"), role, f"{where}.content"))
+    content = _content(raw.get("content"), role, f"{where}.content")
+    if role in ("assistant", "tool"):
+        from .openai_agent import parse_turn_tools
+
+        return parse_turn_tools(raw, role, content, where)
+    return ChatTurn(role, content)
 
 
 def _content(content: Any, role: str, where: str) -> str:
     if isinstance(content, str):
         return content
-    if content is None and role == "assistant":
+    if content is None and role in ("assistant", "tool"):
         return ""
     if isinstance(content, list):
         texts: list[str] = []
@@ -316,19 +330,25 @@ def response_id(kind: Kind, request_id: str) -> str:
 
 def completion_body(
     kind: Kind, request_id: str, created: int, model: str, text: str, finish_reason: str,
-    counts: UsageCounts,
+    counts: UsageCounts, extras: Any = None,
 ) -> dict[str, Any]:
-    """The non-streaming answer."""
+    """The non-streaming answer (`extras`: an openai_agent.Extras with tool calls / logprobs)."""
     if kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if extras is not None and extras.tool_calls:
+            message["content"] = text or None
+            message["tool_calls"] = extras.tool_calls_json()
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "message": message,
+            "logprobs": extras.logprobs_json(kind) if extras is not None else None,
             "finish_reason": finish_reason,
         }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text,
+                  "logprobs": extras.logprobs_json(kind) if extras is not None else None,
+                  "finish_reason": finish_reason}
         obj = "text_completion"
     return {
         "id": response_id(kind, request_id),
@@ -398,6 +418,12 @@ class ChunkEncoder:
         if self.kind == "chat":
             return self._chunk(b'"delta":{"content":' + _dumps(text) + b"}", None)
         return self._chunk(b'"text":' + _dumps(text), None)
+
+    def event(self, event: Any) -> bytes:
+        """Chunk bytes for a token delta (with logprobs if any) or a tool call; b"" if none."""
+        from .openai_agent import agent_chunk
+
+        return agent_chunk(self, event)
 
     def finish(self, reason: str) -> bytes:
         payload = b'"delta":{}' if self.kind == "chat" else b'"text":""'

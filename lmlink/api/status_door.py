@@ -20,16 +20,10 @@ from lmlink.observe.status import server_status
 
 from .core import Core
 from .errors import CallError, ErrorKind
+from .http_shell import PAGE_HEADERS
 from .limits import Caller
 
 _PAGE = resources.files("lmlink.observe").joinpath("static/status.html")
-# The page runs only its own inline script and talks only to this server.
-_PAGE_HEADERS = {
-    "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; "
-                               "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'",
-    "x-frame-options": "DENY",
-    "cache-control": "no-store",
-}
 
 
 class StatusViews:
@@ -48,7 +42,7 @@ class StatusViews:
     def routes(self, caller: Callable[[Request], Awaitable[Caller]]) -> list[Route]:
         async def page(request: Request) -> Response:
             self.core.require(await caller(request), "info")
-            return HTMLResponse(_PAGE.read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
+            return HTMLResponse(_PAGE.read_text(encoding="utf-8"), headers=PAGE_HEADERS)
 
         async def status(request: Request) -> Response:
             self.core.require(await caller(request), "info")

@@ -15,12 +15,12 @@ from typing import Sequence
 
 from lmlink import __version__
 
-from . import access, chat, cluster, link, models, serve, status, top
+from . import access, chat, cluster, link, models, phone, serve, status, top
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError, Parser
 
 __all__ = ["CliError", "build_parser", "main"]
 
-GROUPS = (serve, chat, models, link, status, top, access, cluster)
+GROUPS = (serve, chat, models, link, status, top, access, cluster, phone)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,6 +54,13 @@ def add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=at_least(1), default=512,
                    help="completion length when a request does not set max_tokens (default: 512)")
     p.add_argument("--name", default=None, help="server name shown to clients (default: hostname)")
+    p.add_argument("--resume-grace", type=float, default=60.0, metavar="SECONDS",
+                   help="keep generating a stream whose client dropped, for it to resume, this "
+                   "long; it keeps its slot meanwhile; 0 = cancel at once (default: 60)")
+    p.add_argument("--resume-buffer", type=at_least(4096), default=1024 * 1024, metavar="BYTES",
+                   help="most text one resumable stream buffers (default: 1 MiB)")
+    p.add_argument("--resume-max-detached", type=at_least(0), default=64, metavar="N",
+                   help="most dropped streams kept in total; 4 per caller (default: 64)")
     p.add_argument(
         "--speculate", choices=("off", "prompt-lookup", "draft-model"), default="prompt-lookup",
         help="speculative decoding: 'prompt-lookup' drafts tokens from the request's own text "
@@ -212,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
             # One write: a line must never interleave with another thread's output.
             ready = {"event": "ready", "grpc": running.grpc_address, "http": running.http_address,
                      "model": engine.model_id, "listen": args.listen,
-                     "tls_fingerprint": running.tls_fingerprint or None}
+                     "tls_fingerprint": running.tls_fingerprint or None,
+                     "phone_url": running.phone.url if running.phone else None,
+                     "phone_needs_profile": running.phone.needs_profile if running.phone else None}
             sys.stdout.write(json.dumps(ready) + "\n")
             sys.stdout.flush()
             return
@@ -224,6 +233,10 @@ def run(args: argparse.Namespace) -> int:
         )
         if running.tls_fingerprint:
             console.print(f"TLS certificate {running.tls_fingerprint}")
+        if running.phone:
+            console.print(f"iPhone Shortcut URL: {running.phone.url}"
+                          + (" (install the CA profile first: lmlink phone --serve-profile)"
+                             if running.phone.needs_profile else ""))
 
     status.start()
     try:

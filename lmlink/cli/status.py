@@ -71,6 +71,10 @@ def run_status(args: argparse.Namespace) -> int:
         f"served     {info.generated_tokens} tokens in {info.uptime_seconds:.0f} s uptime",
         f"you are    {who.login_name} via {who.source}" + (" (owner)" if who.is_owner else ""),
     ]
+    if info.shortcut_url:
+        lines.append(f"iPhone     {info.shortcut_url}" + (
+            " (install the CA profile first: lmlink phone --serve-profile)"
+            if info.shortcut_needs_profile else ""))
     if info.ranks:
         lines.append(f"cluster    {len(info.ranks)} ranks, {info.cluster_backend} backend, "
                      f"{info.cluster_sharding}-parallel")

@@ -13,7 +13,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .events import Completed, Event, Generation, PromptProgress, Started, TokenDelta
+from .events import Completed, Event, Generation, Logprob, PromptProgress, Started, TokenDelta, ToolCall
 from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult
 from .sync import Client, GenerationStream
 
@@ -31,6 +31,7 @@ __all__ = [
     "InvalidArgument",
     "LoadProgress",
     "LmlinkError",
+    "Logprob",
     "ModelInfo",
     "NotFound",
     "PermissionDenied",
@@ -39,6 +40,7 @@ __all__ = [
     "ServerInfo",
     "Started",
     "TokenDelta",
+    "ToolCall",
     "Unauthenticated",
     "Unavailable",
     "UnloadResult",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
@@ -15,37 +16,85 @@ from ._wire import Message, decode_event
 from .base import BaseClient
 from .errors import from_rpc_error
 from .events import Event, Generation
+from .resume import ResumeState
 from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load_event
 
 
 class AsyncGenerationStream:
-    """Async iterator over one generation's events; `cancel()` stops it server-side too."""
+    """Async iterator over one generation's events; `cancel()` stops it server-side too.
 
-    def __init__(self, call: Any, target: str) -> None:
-        self._call = call
-        self._target = target
+    A dropped connection is resumed where it left off (lmlink.client.resume)."""
+
+    def __init__(self, client: "AsyncClient", request: pb.GenerateRequest,
+                 timeout: float | None) -> None:
+        self._client = client
+        self._target = client.target
+        self._timeout = timeout
+        self._state = ResumeState(request, client.resume_within)
+        self._call = client._stub.Generate(request, **client._call(timeout))
         self._cancelled = False
+        self._cancel_task: asyncio.Future[Any] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    @property
+    def resumed(self) -> int:
+        return self._state.resumed
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
 
     async def _events(self) -> AsyncIterator[Event]:
+        state = self._state
         try:
-            async for message in self._call:
-                yield decode_event(message)
+            while True:
+                try:
+                    async for message in self._call:
+                        state.seen(message)
+                        yield decode_event(message)
+                    return
+                except grpc.RpcError as exc:
+                    if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+                        return
+                    if self._cancelled:
+                        raise from_rpc_error(exc, self._target) from None
+                    self._call = await self._reopen(exc)
         except asyncio.CancelledError:
             if self._cancelled:  # grpc.aio reports our own cancel() this way
                 return
-            self._call.cancel()
+            self.cancel()
             raise
-        except grpc.RpcError as exc:
-            if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
-                return
+        except GeneratorExit:
+            if not state.finished:
+                self.cancel()  # the consumer stopped reading: not kept for resuming
+            raise
+
+    async def _reopen(self, exc: grpc.RpcError) -> Any:
+        state, client = self._state, self._client
+        if state.regenerate(exc):
+            return client._stub.Generate(state.request, **client._call(self._timeout))
+        delay = state.retry_delay(exc)
+        if delay is None:
             raise from_rpc_error(exc, self._target) from None
+        await asyncio.sleep(delay)
+        return client._stub.Resume(state.resume_request(), **client._call(self._timeout))
 
     def cancel(self) -> None:
+        """Stop the generation on the server (it is not kept for resuming)."""
+        if self._cancelled:
+            return
         self._cancelled = True
         self._call.cancel()
+        if not self._state.finished:
+            self._cancel_task = asyncio.ensure_future(self._cancel_on_server())
+
+    async def _cancel_on_server(self) -> None:
+        try:
+            await self._client.cancel(self._state.request_id, timeout=5)
+        except Exception:
+            pass  # best effort: the server also expires a stream nobody resumes
 
     async def collect(self) -> Generation:
         result = Generation()
@@ -90,11 +139,25 @@ class AsyncClient(BaseClient):
         messages: Sequence[Message] | None = None,
         prompt: str | None = None,
         timeout: float | None = None,
+        retry_before_first_event: bool = True,
         **options: Any,
     ) -> AsyncGenerationStream:
         request = self._generate_request(messages, prompt, options)
-        return AsyncGenerationStream(self._stub.Generate(request, **self._call(timeout)),
-                                     self.target)
+        stream = AsyncGenerationStream(self, request, timeout)
+        stream._state.retry_before_first_event = retry_before_first_event
+        return stream
+
+    def stream_request(
+        self, request: pb.GenerateRequest, *, timeout: float | None = None,
+        retry_before_first_event: bool = True,
+    ) -> AsyncGenerationStream:
+        """Stream a prebuilt request (the link forwards whole requests, every field), with the
+        same deadline and credentials as `stream`."""
+        if not request.request_id:  # known before the first event: resumable, cancellable
+            request.request_id = f"req-{uuid.uuid4().hex[:20]}"
+        stream = AsyncGenerationStream(self, request, timeout)
+        stream._state.retry_before_first_event = retry_before_first_event
+        return stream
 
     async def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         return await self.stream(messages=messages, **options).collect()

@@ -8,6 +8,7 @@ as call metadata (a bearer token), request building and error conversion live he
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any, Sequence
 
 import grpc
@@ -20,7 +21,7 @@ from .errors import InvalidArgument, LmlinkError, from_rpc_error
 from .security import channel_settings
 
 DEFAULT_TARGET = defaults.LOCAL_SERVER
-CHANNEL_OPTIONS = list(defaults.CHANNEL_OPTIONS)
+CHANNEL_OPTIONS = [*defaults.CHANNEL_OPTIONS, *defaults.CLIENT_KEEPALIVE_OPTIONS]
 
 
 def resolve_target(target: str | None) -> str:
@@ -41,9 +42,12 @@ class BaseClient:
         tls: bool | None = None,
         expected_fingerprint: str | None = None,
         token: str | None = None,
+        resume_within: float = defaults.RESUME_WITHIN_S,
     ) -> None:
         self.target = resolve_target(target)
         self.timeout = timeout
+        # A stream whose connection drops is resumed for this many seconds (0: never).
+        self.resume_within = resume_within
         self._credentials, self._channel_options, self.fingerprint = channel_settings(
             self.target,
             credentials,
@@ -70,6 +74,8 @@ class BaseClient:
                           options: dict[str, Any]) -> pb.GenerateRequest:
         try:
             request = build_request(messages=messages, prompt=prompt, **options)
+            if not request.request_id:  # known before the first event: resumable, cancellable
+                request.request_id = f"req-{uuid.uuid4().hex[:20]}"
             request.SerializeToString()  # proto strings are UTF-8: fail here, clearly
         except (UnicodeEncodeError, ValueError):
             raise InvalidArgument("the request contains text that is not valid Unicode "

@@ -398,8 +398,13 @@ def _check_claims(ep: Endpoint, peers: list[Any] | None) -> str:
     return ""
 
 
-def _confirm(ep: Endpoint, timeout: float) -> None:
-    """Authenticated GetServerInfo; fills in what the server itself says."""
+def _confirm(ep: Endpoint, timeout: float) -> dict[str, Any]:
+    """Authenticated GetServerInfo; returns what the server itself says, as field changes.
+
+    Runs in a worker thread and changes nothing itself: `check` applies the result on the
+    event loop, so a check abandoned at the deadline cannot alter an endpoint mid-merge."""
+    from lmlink.net.pinning import PinningError
+
     from .security import TrustError
     from .sync import Client
 
@@ -407,31 +412,29 @@ def _confirm(ep: Endpoint, timeout: float) -> None:
     try:
         with Client(ep.target, timeout=timeout, expected_fingerprint=expected) as client:
             info = client.server_info()
-            ep.fingerprint = client.fingerprint
+            fingerprint = client.fingerprint
     except TrustError as exc:
-        ep.status = "rejected"
         presented = getattr(exc, "presented", "")
         if expected:
-            ep.error = (
+            return {"status": "rejected", "error": (
                 f"the certificate at {ep.target} ({presented or 'another one'}) does not match the "
-                f"advertised fingerprint {expected}: spoofed or stale mDNS answer"
-            )
-        else:
-            ep.error = str(exc)
-        return
+                f"advertised fingerprint {expected}: spoofed or stale mDNS answer")}
+        return {"status": "rejected", "error": str(exc)}
     except PermissionDenied as exc:
-        ep.status, ep.error = "denied", str(exc)
-        return
-    except LmlinkError as exc:
-        ep.status, ep.error = "unreachable", str(exc)
-        return
-    ep.status, ep.error = "ok", ""
-    ep.name = info.name or ep.name
-    ep.mode = info.listen_mode or ep.mode
-    ep.protocol = info.protocol_version
-    ep.models = tuple(info.models)
-    ep.model_count = len(info.models)
-    ep.state = ep.state or "ready"
+        return {"status": "denied", "error": str(exc)}
+    except (LmlinkError, PinningError, OSError) as exc:  # OSError: e.g. the pin store unwritable
+        return {"status": "unreachable", "error": str(exc) or type(exc).__name__}
+    return {
+        "status": "ok", "error": "", "fingerprint": fingerprint,
+        "name": info.name or ep.name, "mode": info.listen_mode or ep.mode,
+        "protocol": info.protocol_version, "models": tuple(info.models),
+        "model_count": len(info.models), "state": ep.state or "ready",
+    }
+
+
+def _apply(ep: Endpoint, changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        setattr(ep, key, value)
 
 
 async def adiscover(
@@ -481,7 +484,8 @@ async def adiscover(
         if not verify:
             return
         # no connection to this peer yet: its first WireGuard handshake may need the retry
-        await asyncio.to_thread(_confirm, ep, FETCH_TIMEOUT if ep.path == "idle" else VERIFY_TIMEOUT)
+        bound = FETCH_TIMEOUT if ep.path == "idle" else VERIFY_TIMEOUT
+        _apply(ep, await asyncio.to_thread(_confirm, ep, bound))
         if ep.path == "idle" and peers is not None:  # connecting may have set up a path
             peers, note = await asyncio.to_thread(_peers, localapi_socket)
             _apply_path(ep, peers, note)
@@ -555,8 +559,22 @@ async def adiscover(
 def merge_endpoints(endpoints: list[Endpoint]) -> list[Endpoint]:
     """One entry per confirmed server address: a confirmed mDNS answer absorbs the tailnet or
     configured entry that reached the same address and certificate. A configured default with
-    nothing behind it is dropped (it was never "found")."""
+    nothing behind it is dropped (it was never "found").
+
+    Either check of a pair may be the one that did not finish (a loaded machine): an mDNS answer
+    whose own check is unfinished or timed out is confirmed by a tailnet or configured entry
+    that reached its address and was presented exactly the advertised certificate. A rejected
+    answer (wrong fingerprint, LAN address) never is: it stays listed, apart."""
     out: list[Endpoint] = []
+    confirmed = {e.target: e for e in endpoints if e.origin != "mdns" and e.usable and e.fingerprint}
+    for e in endpoints:
+        proof = confirmed.get(e.target) if e.origin == "mdns" else None
+        if (proof is not None and e.status in ("unverified", "unreachable")
+                and e.advertised_fingerprint == proof.fingerprint):
+            _apply(e, {"status": "ok", "error": "", "fingerprint": proof.fingerprint,
+                       "name": proof.name or e.name, "mode": proof.mode or e.mode,
+                       "protocol": proof.protocol, "models": proof.models,
+                       "model_count": proof.model_count, "state": e.state or "ready"})
     lan = {e.target: e for e in endpoints if e.origin == "mdns" and e.usable}
     for e in endpoints:
         twin = lan.get(e.target) if e.origin != "mdns" else None

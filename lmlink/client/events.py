@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-FinishReason = Literal["stop", "length", "cancelled", "unspecified"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls", "unspecified"]
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,31 @@ class PromptProgress:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple["Logprob", ...] = ()
+    bytes: bytes = b""  # the token's raw bytes (its text may be a partial UTF-8 sequence)
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     request_id: str
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[Logprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A complete tool call the model made (`arguments` is JSON object text)."""
+
+    request_id: str
+    id: str
+    name: str
+    arguments: str
+    index: int
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,7 @@ class Completed:
     timings: Timings
 
 
-Event = Union[Started, PromptProgress, TokenDelta, Completed]
+Event = Union[Started, PromptProgress, TokenDelta, ToolCall, Completed]
 
 
 @dataclass
@@ -70,6 +91,7 @@ class Generation:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     completed: Completed | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def add(self, event: Event) -> None:
         if isinstance(event, Started):
@@ -77,6 +99,8 @@ class Generation:
         elif isinstance(event, TokenDelta):
             self.text += event.text
             self.token_ids.extend(event.token_ids)
+        elif isinstance(event, ToolCall):
+            self.tool_calls.append(event)
         elif isinstance(event, Completed):
             self.completed = event
 

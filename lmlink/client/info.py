@@ -104,6 +104,8 @@ class ServerInfo:
     ranks: tuple[RankInfo, ...] = ()
     cluster_backend: str = ""
     cluster_sharding: str = ""
+    shortcut_url: str = ""  # what an iPhone Shortcut calls (tailnet modes)
+    shortcut_needs_profile: bool = False
 
     @classmethod
     def from_wire(cls, s: pb.ServerInfo) -> "ServerInfo":
@@ -127,4 +129,6 @@ class ServerInfo:
             ranks=tuple(RankInfo.from_wire(r) for r in s.ranks),
             cluster_backend=s.cluster_backend,
             cluster_sharding=s.cluster_sharding,
+            shortcut_url=s.shortcut_url,
+            shortcut_needs_profile=s.shortcut_needs_profile,
         )

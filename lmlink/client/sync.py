@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -15,29 +18,70 @@ from .base import CHANNEL_OPTIONS as _CHANNEL_OPTIONS  # noqa: F401 - kept for i
 from .base import DEFAULT_TARGET, BaseClient, resolve_target
 from .errors import Cancelled, LmlinkError, from_rpc_error
 from .events import Event, Generation
+from .resume import ResumeState
 from .info import LoadProgress, ModelInfo, ServerInfo, UnloadResult, decode_load_event
 
 
 class GenerationStream:
-    """Iterator over one generation's events; `cancel()` stops it server-side too."""
+    """Iterator over one generation's events; `cancel()` stops it server-side too.
 
-    def __init__(self, call: Any, target: str) -> None:
-        self._call = call
-        self._target = target
+    A dropped connection is resumed where it left off (lmlink.client.resume)."""
+
+    def __init__(self, client: "Client", request: pb.GenerateRequest, timeout: float | None) -> None:
+        self._client = client
+        self._target = client.target
+        self._timeout = timeout
+        self._state = ResumeState(request, client.resume_within)
+        self._call = client._stub.Generate(request, **client._call(timeout))
         self._cancelled = False
 
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    @property
+    def resumed(self) -> int:
+        """How many times the stream was picked up again after its connection dropped."""
+        return self._state.resumed
+
     def __iter__(self) -> Iterator[Event]:
-        try:
-            for message in self._call:
-                yield decode_event(message)
-        except grpc.RpcError as exc:
-            if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+        state = self._state
+        while True:
+            try:
+                for message in self._call:
+                    state.seen(message)
+                    yield decode_event(message)
                 return
+            except grpc.RpcError as exc:
+                if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                if self._cancelled:
+                    raise from_rpc_error(exc, self._target) from None
+                self._call = self._reopen(exc)
+            finally:
+                if not state.finished and not self._cancelled and sys.exc_info()[0] is GeneratorExit:
+                    self.cancel()  # the consumer stopped reading: not kept for resuming
+
+    def _reopen(self, exc: grpc.RpcError) -> Any:
+        """The call that continues the stream after `exc`, or raise."""
+        state, client = self._state, self._client
+        if state.regenerate(exc):
+            return client._stub.Generate(state.request, **client._call(self._timeout))
+        delay = state.retry_delay(exc)
+        if delay is None:
             raise from_rpc_error(exc, self._target) from None
+        time.sleep(delay)
+        return client._stub.Resume(state.resume_request(), **client._call(self._timeout))
 
     def cancel(self) -> None:
+        """Stop the generation on the server (it is not kept for resuming)."""
+        if self._cancelled:
+            return
         self._cancelled = True
         self._call.cancel()
+        if not self._state.finished:
+            with contextlib.suppress(Exception):
+                self._client.cancel(self._state.request_id, timeout=5)
 
     def collect(self) -> Generation:
         result = Generation()
@@ -83,11 +127,14 @@ class Client(BaseClient):
         messages: Sequence[Message] | None = None,
         prompt: str | None = None,
         timeout: float | None = None,
+        retry_before_first_event: bool = True,
         **options: Any,
     ) -> GenerationStream:
         """Start a generation; iterate the result for Started, TokenDelta... Completed."""
         request = self._generate_request(messages, prompt, options)
-        return GenerationStream(self._stub.Generate(request, **self._call(timeout)), self.target)
+        stream = GenerationStream(self, request, timeout)
+        stream._state.retry_before_first_event = retry_before_first_event
+        return stream
 
     def chat(self, messages: Sequence[Message], **options: Any) -> Generation:
         return self.stream(messages=messages, **options).collect()

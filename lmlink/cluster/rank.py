@@ -58,6 +58,10 @@ def decode_serve_options(blob: str) -> Any:
     data["tailnet"] = TailnetSettings(**tailnet)
     if "allowed_origins" in data:
         data["allowed_origins"] = tuple(data["allowed_origins"])
+    if "resume" in data:
+        from lmlink.api.resume import ResumeOptions
+
+        data["resume"] = ResumeOptions(**data["resume"])
     return ServeOptions(**data)
 
 

@@ -22,7 +22,9 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from .constrained import warm_up
 from .loader import LoadedModel
+from .logprobs import token_logprob
 from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
 from .prefix import shared_with, worth_caching
 from .prompts import encode_prompt
@@ -36,6 +38,7 @@ from .speculative import (
     speculation_possible,
 )
 from .stops import StopStringMatcher
+from .tools import ToolCallSink, prepare_request
 from .types import (
     Completed,
     DuplicateRequestId,
@@ -187,6 +190,7 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
         self._ready.wait()
+        warm_up(self._tokenizer)
 
     def add_step_listener(self, listener: Callable[[], None]) -> None:
         """Called on the worker thread after each step's events were delivered (must not block)."""
@@ -195,6 +199,7 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: EventSink) -> str:
         """Validate, tokenize and queue a request; raises `EngineError` subclasses synchronously."""
         request.sampling.validate(self._vocab_size)
+        request = prepare_request(self._tokenizer, request)
         prompt = encode_prompt(self._tokenizer, request)
         context = self.loaded.context_length
         if len(prompt) >= context:
@@ -212,6 +217,7 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id != request.request_id:
             request = _with_id(request, request_id)
+        sink = ToolCallSink.wrap(self._tokenizer, request, sink)
         state = _Request(request, sink, prompt, max_tokens, time.perf_counter())
         with self._lock:
             if self._stopping or self._dead is not None:
@@ -490,7 +496,7 @@ class Engine:
             if state.fault is None:
                 state.fault = exc
 
-        processors = make_processors(sampling, on_fault)
+        processors = make_processors(sampling, on_fault, self._tokenizer)
         (uid,) = generator.insert(
             [rest],
             max_tokens=[cmd.max_tokens],
@@ -587,7 +593,11 @@ class Engine:
             if r.finish_reason is not None and not matched:
                 text += state.stops.flush()
             if text or ids:
-                state.pending.append(TokenDelta(text, ids))
+                top = state.request.sampling.logprobs
+                lps = None if top is None else [
+                    token_logprob(self._tokenizer, i, r.logprobs, top) for i in ids
+                ]
+                state.pending.append(TokenDelta(text, ids, lps))
             if r.finish_reason is not None:
                 self._finish(state, "stop" if matched else r.finish_reason)
             elif matched:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .tools import render_chat
 from .types import CHAT_ROLES, GenerationRequest, InvalidRequest
 
 MAX_MESSAGES = 1024
@@ -34,18 +35,11 @@ def _encode_request(tokenizer: Any, request: GenerationRequest) -> list[int]:
     for i, turn in enumerate(messages):
         if turn.role not in CHAT_ROLES:
             raise InvalidRequest(
-                f"message {i} has role {turn.role!r}; use system, user or assistant"
+                f"message {i} has role {turn.role!r}; use system, user, assistant or tool"
             )
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template; send a raw prompt instead")
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": t.role, "content": t.content} for t in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-    except Exception as exc:  # jinja2 errors, raise_exception() in the template, bad types
-        raise InvalidRequest(f"the model's chat template rejected the messages: {_reason(exc)}") from None
+    text = render_chat(tokenizer, request)  # tools, tool calls and results included
     ids = _encode(tokenizer, text)
     if not ids:
         raise InvalidRequest("the conversation encodes to no tokens")

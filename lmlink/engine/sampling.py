@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from .constrained import make_grammar_processor
 from .types import SamplingOptions
 
 log = logging.getLogger("lmlink.engine")
@@ -130,12 +131,18 @@ def commit(sampler: Sampler, n: int) -> None:
 
 
 def make_processors(
-    opts: SamplingOptions, on_fault: FaultHandler | None = None
+    opts: SamplingOptions, on_fault: FaultHandler | None = None, tokenizer: Any = None
 ) -> list[Processor]:
-    if opts.repetition_penalty is None or opts.repetition_penalty == 1.0:
-        return []
-    processors = make_logits_processors(repetition_penalty=opts.repetition_penalty)
-    return [guard_processor(p, on_fault) for p in processors] if on_fault else processors
+    """Repetition penalty, then the output constraint (its mask must be applied last; it is
+    stateful, so it is not marked safe for draft tokens)."""
+    procs: list[Processor] = []
+    if opts.repetition_penalty is not None and opts.repetition_penalty != 1.0:
+        procs += make_logits_processors(repetition_penalty=opts.repetition_penalty)
+        if on_fault:
+            procs = [guard_processor(p, on_fault) for p in procs]
+    if opts.grammar is not None:
+        procs += make_grammar_processor(opts.grammar, tokenizer)
+    return procs
 
 
 def guard_processor(processor: Processor, on_fault: FaultHandler) -> Processor:

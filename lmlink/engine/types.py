@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
-FinishReason = Literal["stop", "length", "cancelled"]
-ChatRole = Literal["system", "user", "assistant"]
-CHAT_ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+ChatRole = Literal["system", "user", "assistant", "tool"]
+CHAT_ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
+MAX_TOP_LOGPROBS = 20
 
 
 class EngineError(Exception):
@@ -52,9 +53,40 @@ class DuplicateRequestId(EngineError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: `arguments` is JSON object text."""
+
+    id: str
+    name: str
+    arguments: str
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call; `parameters` is a JSON Schema text ("" = any object)."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """An output constraint: kind is json_object | json_schema | regex | lark."""
+
+    kind: str
+    spec: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +102,11 @@ class SamplingOptions:
     seed: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    # An llguidance grammar (JSON text) every token must follow; made by
+    # `constrained.constrain` from the request's response format or tool choice.
+    grammar: str | None = None
+    # None = no logprobs; otherwise how many alternatives to report per token (0..20).
+    logprobs: int | None = None
     # Speculative decoding for this request: None = the server's default (`--speculate`).
     speculate: bool | None = None
 
@@ -123,6 +160,10 @@ class SamplingOptions:
                 )
         if len(self.stop) > 16:
             raise InvalidRequest(f"at most 16 stop strings are allowed, got {len(self.stop)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}"
+            )
         for s in self.stop:
             if not s:
                 raise InvalidRequest("stop strings must not be empty")
@@ -140,6 +181,10 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Free-form owner of the request (e.g. an identity label); lets Cancel check ownership.
     owner: str = ""
+    tools: tuple[ToolSpec, ...] = ()
+    # "auto", "none", "required", or "function:<name>" (that function must be called).
+    tool_choice: str = "auto"
+    response_format: ResponseFormat | None = None
     # The caller's limit on prompt tokens (a grant's max_prompt_tokens); None: only the context.
     max_prompt_tokens: int | None = None
 
@@ -157,10 +202,35 @@ class PromptProgress:
     total_tokens: int
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    bytes: bytes = b""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    bytes: bytes = b""
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass
 class TokenDelta:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    """A complete tool call parsed from the output; its text is not sent as a delta."""
+
+    call: ToolCall
 
 
 @dataclass(frozen=True)
@@ -189,7 +259,7 @@ class Failed:
     error: EngineError
 
 
-Event = Started | PromptProgress | TokenDelta | Completed | Failed
+Event = Started | PromptProgress | TokenDelta | ToolCallEvent | Completed | Failed
 
 
 class EventSink(Protocol):

@@ -18,17 +18,22 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
+from importlib import resources
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from lmlink.api.agent_doors import AGENT_PATHS, agent_routes
+from lmlink.api.agent_wire import request_to_wire
 from lmlink.api.errors import CallError, kind_of_status
 from lmlink.api.gate import is_loopback_peer
 from lmlink.api.http_shell import (
+    PAGE_HEADERS,
     LOOPBACK_NAMES,
     ClientGone,
     EventStream,
@@ -37,6 +42,7 @@ from lmlink.api.http_shell import (
     read_body,
     unless_disconnected,
 )
+from lmlink.api.openai_agent import Extras
 from lmlink.api.openai_schema import (
     DONE,
     ApiError,
@@ -51,17 +57,20 @@ from lmlink.api.openai_schema import (
 )
 from lmlink.client import events as ev
 from lmlink.client.errors import LmlinkError
+from lmlink.v1 import inference_pb2 as pb
 
-from .router import NoServer, Router, Server
+from .doors import LinkBackend, from_client_event
+from .router import DENIALS, NoServer, Router, Server
 
 log = logging.getLogger("lmlink.link")
 MAX_BODY = 4 * 1024 * 1024
 
-# Worth another server: it is down, overloaded, or no longer has the model.
+# Worth another server: it is down, overloaded, no longer has the model, or refuses this user
+# (another server may grant what this one does not).
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.CANCELLED, *DENIALS,
 }
 
 
@@ -71,21 +80,6 @@ def api_error(exc: LmlinkError, server: Server) -> CallError:
     return CallError(kind, f"{server.label}: {exc}", code=exc.reason or None,
                      retry_after=exc.retry_after if exc.retry_after is not None
                      else (2 if kind.http_status in (429, 503) else None))
-
-
-def request_options(call: CompletionCall) -> dict[str, Any]:
-    """A parsed OpenAI body as keyword arguments for lmlink's client `stream()`."""
-    r, s = call.request, call.request.sampling
-    out: dict[str, Any] = {
-        "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-        "top_k": s.top_k or None, "min_p": s.min_p or None, "stop": s.stop, "seed": s.seed,
-        "repetition_penalty": s.repetition_penalty, "ignore_eos": s.ignore_eos,
-    }
-    if r.prompt is not None:
-        out["prompt"] = r.prompt
-    else:
-        out["messages"] = [{"role": m.role, "content": m.content} for m in r.messages or ()]
-    return out
 
 
 @dataclass
@@ -99,6 +93,8 @@ class _Upstream:
     model: str
     released: bool = False
 
+_PAGE = resources.files("lmlink.observe").joinpath("static/link.html")
+
 
 class LinkStats:
     def __init__(self) -> None:
@@ -106,6 +102,10 @@ class LinkStats:
         self.active = 0
         self.failovers = 0
         self.errors = 0
+        self.routes: deque[dict[str, Any]] = deque(maxlen=20)  # recent routing choices
+
+    def routed(self, model: str, server: str, why: str) -> None:
+        self.routes.appendleft({"at": time.time(), "model": model, "server": server, "why": why})
 
 
 class LinkApp:
@@ -124,12 +124,14 @@ class LinkApp:
                 Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/status", self.status, methods=["GET"]),
+                Route("/", self.page, methods=["GET"]),
+                *agent_routes(LinkBackend(self)),  # Responses and Anthropic Messages
             ],
             # The link speaks with this user's tailnet identity over plaintext loopback: a web
             # page must not reach it, by rebinding a name or by a cross-origin POST.
             allowed_hosts=LOOPBACK_NAMES,
             allowed_origins=self.allowed_origins,
-            json_paths=("/v1/chat/completions", "/v1/completions"),
+            json_paths=("/v1/chat/completions", "/v1/completions", *AGENT_PATHS),
         )
 
     # ----- models ------------------------------------------------------------------------------
@@ -174,7 +176,13 @@ class LinkApp:
         _local_only(request)
         s = self.stats
         return JSONResponse({**self.router.status(), "requests": s.requests,
-                             "active": s.active, "failovers": s.failovers, "errors": s.errors})
+                             "active": s.active, "failovers": s.failovers, "errors": s.errors,
+                             "recent_routes": list(s.routes)})
+
+    async def page(self, request: Request) -> Response:
+        """The laptop side's status page: servers, paths, latency, routing choices."""
+        _local_only(request)
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"), headers=PAGE_HEADERS)
 
     # ----- completions ---------------------------------------------------------------------------
 
@@ -198,14 +206,15 @@ class LinkApp:
         if call.stream:
             return EventStream(self._chunks(up, call, request_id, created), headers,
                                on_close=lambda: self._release(up))
+        extras = Extras()  # tool calls and logprobs
         try:
-            text, done = await unless_disconnected(request.receive, self._collect(up))
+            text, done = await unless_disconnected(request.receive, self._collect(up, extras))
         except ClientGone:
             return Response(status_code=499)
         finally:
             self._release(up)
         body = completion_body(call.kind, request_id, created, up.model, text,
-                               _finish(done), done.usage)
+                               _finish(done), done.usage, extras)
         return JSONResponse(body, headers=headers)
 
     async def _open(self, call: CompletionCall, request_id: str) -> _Upstream:
@@ -221,21 +230,32 @@ class LinkApp:
                     raise _no_server(again) from None
             else:
                 raise _no_server(exc) from None
-        options = request_options(call)
+        options = request_to_wire(call.request)  # every field, forwarded unchanged
         name = self.router.split_pin(call.model)[0]
         tried: list[str] = []
+        refusals: list[int] = []  # HTTP status of each attempt a server refused
         attempts = servers[:1] if pinned else servers[:2]
         for i, server in enumerate(attempts):
             model = (server.model_id(name) or name) if name else ""
             try:
-                return await self._first_token(server, model, request_id, options)
+                up = await self._first_token(server, model, request_id, options)
+                self.stats.routed(call.model, server.label,
+                                  "preferred" if pinned else f"after {len(tried)} failed" if tried
+                                  else "best path, latency and load")
+                return up
             except LmlinkError as exc:
                 retry = exc.code in _RETRYABLE and i + 1 < len(attempts)
                 tried.append(f"{server.label} ({server.target}): {exc}")
+                if exc.code in DENIALS:
+                    refusals.append(DENIALS[exc.code])
                 if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.router.mark_failed(server, str(exc))
                 if not retry:
                     self.stats.errors += 1
+                    if len(tried) > 1 and len(refusals) == len(tried):  # all refused this user
+                        raise ApiError(403 if 403 in refusals else 401,
+                                       "refused by " + "; ".join(tried),
+                                       code=DENIAL_CODES[403 if 403 in refusals else 401]) from None
                     if len(tried) > 1 or exc.code == grpc.StatusCode.UNAVAILABLE:
                         down = [f"{s.label} ({s.target}): {s.error}"
                                 for s in self.router.servers.values()
@@ -251,9 +271,14 @@ class LinkApp:
         raise ApiError(503, "no server could take the request", code="no_server_available")
 
     async def _first_token(self, server: Server, model: str, request_id: str,
-                           options: dict[str, Any]) -> _Upstream:
+                           options: pb.GenerateRequest) -> _Upstream:
         client = await self.router.client(server)
-        stream = client.stream(model=model, request_id=request_id, **options)
+        wire = pb.GenerateRequest()
+        wire.CopyFrom(options)
+        wire.model, wire.request_id = model, request_id
+        # Before the first event the link fails over to another server itself; after it, a
+        # dropped connection is resumed (lmlink.client.resume) instead of failing the answer.
+        stream = client.stream_request(wire, retry_before_first_event=False)
         events = stream.__aiter__()
         head: list[ev.Event] = []
         server.inflight += 1
@@ -290,10 +315,12 @@ class LinkApp:
             up.server.inflight -= 1
             up.stream.cancel()  # no-op when finished
 
-    async def _collect(self, up: _Upstream) -> tuple[str, ev.Completed]:
+    async def _collect(self, up: _Upstream, extras: Extras | None = None) -> tuple[str, ev.Completed]:
         parts: list[str] = []
         try:
             async for event in self._events(up):
+                if extras is not None and (agent := from_client_event(event)) is not None:
+                    extras.add(agent)
                 if isinstance(event, ev.TokenDelta):
                     parts.append(event.text)
                 elif isinstance(event, ev.Completed):
@@ -315,9 +342,10 @@ class LinkApp:
             yield opening
         try:
             async for event in self._events(up):
-                if isinstance(event, ev.TokenDelta):
-                    if event.text:
-                        yield encoder.delta(event.text)
+                if isinstance(event, (ev.TokenDelta, ev.ToolCall)):
+                    chunk = encoder.event(from_client_event(event))  # text (+ logprobs) or a call
+                    if chunk:
+                        yield chunk
                 elif isinstance(event, ev.Completed):
                     chunk = encoder.finish(_finish(event))
                     if call.include_usage:
@@ -347,7 +375,12 @@ def _local_only(request: Request) -> None:
                        code="permission_denied")
 
 
+DENIAL_CODES = {403: "permission_denied", 401: "unauthenticated"}
+
+
 def _no_server(exc: NoServer) -> ApiError:
     if exc.status == 404:
         return ApiError(404, exc.message, code="model_not_found", param="model")
+    if exc.status in DENIAL_CODES:
+        return ApiError(exc.status, exc.message, code=DENIAL_CODES[exc.status])
     return ApiError(503, exc.message, code="no_server_reachable", retry_after=2)

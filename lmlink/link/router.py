@@ -16,6 +16,10 @@ that have it loaded:
 
 `model@server` pins a request to one server (no failover). A server that fails is marked down
 at once and probed again on the next tick, so the link recovers by itself when it comes back.
+
+A server that answers but refuses this link's user (PERMISSION_DENIED, UNAUTHENTICATED) is not
+"unreachable": when no server is up and one of them refused, the request is refused with that
+server's reason (403 / 401), not 503; any other server that serves the model is still used.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import grpc
+
 from lmlink.client.aio import AsyncClient
 from lmlink.client.errors import LmlinkError
 
 log = logging.getLogger("lmlink.link")
 
+# A server that answered "not you": a refusal to report, not a server to call unreachable.
+DENIALS = {grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.UNAUTHENTICATED: 401}
 ACTIVE_COST_MS = 25.0
 QUEUED_COST_MS = 50.0
 LATENCY_SAMPLES = 5
@@ -58,6 +66,7 @@ class Server:
     queued: int = 0
     inflight: int = 0  # streams this link has open to it now
     error: str = "not checked yet"
+    denied: int = 0  # 403 / 401 when its last probe was refused (then `error` is its reason)
     checked_at: float = 0.0
     client: AsyncClient | None = None
 
@@ -206,6 +215,7 @@ class Router:
         except (LmlinkError, OSError) as exc:
             server.up, server.error = False, str(exc) or exc.__class__.__name__
             server.rtts.clear()  # a server that comes back is measured afresh
+            server.denied = DENIALS.get(getattr(exc, "code", None), 0)  # type: ignore[arg-type]
             if server.client is not None:  # a fresh channel reconnects at once next time
                 with contextlib.suppress(Exception):
                     await server.client.close()
@@ -219,7 +229,7 @@ class Router:
             server.models = tuple(m.id for m in loaded)
             server.aliases = {a: m.id for m in loaded for a in m.aliases}
             server.context = {m.id: m.context_length for m in loaded}
-            server.up, server.error = True, ""
+            server.up, server.error, server.denied = True, "", 0
         server.checked_at = time.time()
         if server.up != was_up:
             log.info("%s (%s) is %s%s", server.label, server.target,
@@ -241,7 +251,7 @@ class Router:
         return server.client
 
     def mark_failed(self, server: Server, error: str) -> None:
-        server.up, server.error = False, error
+        server.up, server.error, server.denied = False, error, 0
         self._wake.set()
 
     async def _run(self) -> None:
@@ -292,6 +302,9 @@ class Router:
         self._reload_prefs()
         name, pinned = self.split_pin(model)
         if pinned is not None:
+            if not pinned.up and pinned.denied:
+                raise NoServer(pinned.denied, f"{pinned.label} ({pinned.target}) refused this "
+                                              f"link's user: {pinned.error}")
             if not pinned.up:
                 raise NoServer(503, f"{pinned.label} ({pinned.target}) is not reachable: "
                                     f"{pinned.error}")
@@ -301,6 +314,10 @@ class Router:
             return [pinned], True
         up = [s for s in self.servers.values() if s.up]
         if not up:
+            refused = [s for s in self.servers.values() if s.denied]
+            if refused:
+                raise NoServer(403 if any(s.denied == 403 for s in refused) else 401,
+                               self.unreachable_message(refused))
             raise NoServer(503, self.unreachable_message())
         having = [s for s in up if not name or s.model_id(name) is not None]
         if not having:
@@ -314,10 +331,15 @@ class Router:
             ordered = first + [s for s in ordered if s not in first]
         return ordered, False
 
-    def unreachable_message(self) -> str:
+    def unreachable_message(self, refused: list[Server] | None = None) -> str:
         if not self.servers:
             return ("no lmlink server is known: pass --server HOST:PORT, set $LMLINK_SERVER, "
                     "or start one where discovery can find it")
+        if refused:
+            why = "; ".join(f"{s.label} ({s.target}): {s.error}" for s in refused)
+            down = "; ".join(f"{s.label} ({s.target}): {s.error}"
+                             for s in self.servers.values() if s not in refused)
+            return f"refused by {why}" + (f"; not reachable: {down}" if down else "")
         tried = "; ".join(f"{s.label} ({s.target}): {s.error}" for s in self.servers.values())
         return f"no lmlink server is reachable; tried {tried}"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,11 +22,9 @@ def private_dir(path: Path) -> Path:
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Atomically write a file created with `mode` from the start (temp file + rename).
 
-    The temp name is unique per call: two threads of one process writing the same file must
-    not share (and truncate) one temp file.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    The temp file's name is unique (mkstemp, created 0600), so threads or processes writing
+    the same file at once never share one: each rename installs one whole version."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
             os.fchmod(fd, mode)
@@ -36,7 +34,7 @@ def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -11,15 +11,15 @@ pin is enforced by the real handshake, not just by our probe. A changed certific
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
-import contextlib
-import fcntl
 import socket
 import ssl
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,6 +81,18 @@ class PinStore:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else default_config_dir() / KNOWN_SERVERS
 
+    @contextmanager
+    def _changing(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write under a lock: two first contacts at once (discovery confirms the
+        mDNS and tailnet entries of one server in parallel) must not lose either pin. The
+        thread lock orders this process's threads, flock other lmlink processes."""
+        private_dir(self.path.parent)
+        with _PIN_LOCK, open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            servers = self._load()
+            yield servers
+            self._save(servers)
+
     def _load(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text())
@@ -93,21 +105,6 @@ class PinStore:
             raise PinningError(f"{self.path} is not an lmlink known-servers file")
         return servers
 
-    _thread_lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Serialize read-modify-write: discovery pins from several threads at once, and a
-        `lmlink link` and a CLI command may pin from two processes (flock on a side file)."""
-        private_dir(self.path.parent)
-        with self._thread_lock:
-            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)  # releases the flock
-
     def _save(self, servers: dict[str, Any]) -> None:
         private_dir(self.path.parent)
         body = json.dumps({"version": 1, "servers": servers}, indent=2, sort_keys=True) + "\n"
@@ -118,37 +115,33 @@ class PinStore:
         return entry.get("fingerprint") if isinstance(entry, dict) else None
 
     def pin(self, server: str, fp: str) -> None:
-        with self._locked():
-            self._pin(server, fp)
-
-    def _pin(self, server: str, fp: str) -> None:
-        servers = self._load()
-        servers[server] = {
-            "fingerprint": fp,
-            "first_seen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        self._save(servers)
+        with self._changing() as servers:
+            servers[server] = _entry(fp)
 
     def forget(self, server: str) -> bool:
-        with self._locked():
-            servers = self._load()
-            if servers.pop(server, None) is None:
-                return False
-            self._save(servers)
-            return True
+        with self._changing() as servers:
+            return servers.pop(server, None) is not None
 
     def verify(self, server: str, fp: str) -> bool:
         """Pin on first use (returns True), accept a match (False), raise on any change."""
         pinned = self.get(server)
         if pinned is None:
-            with self._locked():
-                pinned = self.get(server)  # another thread or process may just have pinned it
+            with self._changing() as servers:  # look again: another thread may have pinned it
+                entry = servers.get(server)
+                pinned = entry.get("fingerprint") if isinstance(entry, dict) else None
                 if pinned is None:
-                    self._pin(server, fp)
+                    servers[server] = _entry(fp)
                     return True
         if pinned != fp:
             raise FingerprintMismatch(server, pinned, fp, self.path)
         return False
+
+
+_PIN_LOCK = threading.Lock()
+
+
+def _entry(fp: str) -> dict[str, str]:
+    return {"fingerprint": fp, "first_seen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def fetch_server_certificate(

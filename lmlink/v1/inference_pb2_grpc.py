@@ -64,6 +64,11 @@ class InferenceStub:
                 request_serializer=lmlink_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=lmlink_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/lmlink.v1.Inference/Resume',
+                request_serializer=lmlink_dot_v1_dot_inference__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=lmlink_dot_v1_dot_inference__pb2.GenerateEvent.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -115,6 +120,17 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Resume continues a stream whose connection dropped, after event `after` (the `index` of
+        the last GenerateEvent received), with the same events Generate would have sent. Only
+        the caller who started it may resume it, within the server's grace period (default 60 s);
+        anyone else, an unknown or an expired stream gets NOT_FOUND (with the reason, for its
+        owner). A stream ended with Cancel is not kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +163,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=lmlink_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
                     response_serializer=lmlink_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=lmlink_dot_v1_dot_inference__pb2.ResumeRequest.FromString,
+                    response_serializer=lmlink_dot_v1_dot_inference__pb2.GenerateEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +332,33 @@ class Inference:
             '/lmlink.v1.Inference/UnloadModel',
             lmlink_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
             lmlink_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmlink.v1.Inference/Resume',
+            lmlink_dot_v1_dot_inference__pb2.ResumeRequest.SerializeToString,
+            lmlink_dot_v1_dot_inference__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,7 @@ import grpc
 
 from lmlink.access.identity import Identity
 from lmlink.api.core import Core, ServerFacts
-from lmlink.api.grpc_service import InferenceService
+from lmlink.api.grpc_service import InferenceService, add_servicer
 from lmlink.api.http_bridge import BridgeOptions, HttpBridge
 from lmlink.api.http_shell import HttpListener, bind_socket
 from lmlink.api.limits import Guard
@@ -57,7 +57,7 @@ class GrpcService:
 
     async def __aenter__(self) -> "GrpcService":
         core = make_core(self._engine, Guard(self._gate, None), "tailscaled")
-        pb_grpc.add_InferenceServicer_to_server(InferenceService(core), self.server)
+        add_servicer(pb_grpc.add_InferenceServicer_to_server, InferenceService(core), self.server)
         await self.server.start()
         return self
 
