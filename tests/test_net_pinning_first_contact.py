@@ -79,3 +79,36 @@ def test_a_client_deadline_bounds_the_certificate_fetch(tmp_path, monkeypatch):
     finally:
         stop.set()
     assert 0.9 < time.monotonic() - t0 < 4.0
+
+
+def test_a_server_not_routed_yet_is_retried_within_the_deadline(tmp_path, monkeypatch):
+    """Seen on the real tailnet: a client whose netmap does not list a just-joined server yet
+    gets "Network is unreachable" from its kernel; the fetch tries again until the route
+    appears (here: the first two connects are unroutable), and gives up at its deadline."""
+    import errno
+
+    from lmlink.net import proxy
+
+    port, fp, stop = late_tls_server(tmp_path, 0)
+    real = proxy.create_connection
+    calls: list[float] = []
+
+    def unroutable_at_first(address, timeout=None, source_address=None):
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise OSError(errno.ENETUNREACH, "Network is unreachable")
+        return real(address, timeout=timeout, source_address=source_address)
+
+    monkeypatch.setattr(proxy, "create_connection", unroutable_at_first)
+    try:
+        assert fingerprint(fetch_server_certificate("127.0.0.1", port)) == fp
+    finally:
+        stop.set()
+    assert len(calls) == 3
+    calls.clear()
+    monkeypatch.setattr(proxy, "create_connection",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENETUNREACH, "unreachable")))
+    t0 = time.monotonic()
+    with pytest.raises(PinningError, match="unreachable"):
+        fetch_server_certificate("127.0.0.1", 1, timeout=1.0)
+    assert 0.7 < time.monotonic() - t0 < 2.0

@@ -11,6 +11,7 @@ pin is enforced by the real handshake, not just by our probe. A changed certific
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import ipaddress
 import json
@@ -163,8 +164,7 @@ def fetch_server_certificate(
     deadline = time.monotonic() + timeout
     try:
         # through tailscaled's CONNECT proxy on a userspace-networking device (env, as gRPC)
-        with proxy.create_connection((host.strip("[]"), port), timeout=timeout,
-                                     source_address=source_address) as raw:
+        with _connect(host.strip("[]"), port, deadline, source_address) as raw:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout("timed out")
@@ -176,6 +176,26 @@ def fetch_server_certificate(
     if not der:
         raise PinningError(f"{server_key(host, port)} presented no certificate")
     return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+# A tailnet peer that just joined is unroutable until this device's netmap lists it (the
+# kernel answers "Network is unreachable" from the TUN routes): usually well under a second.
+_NOT_ROUTED_YET = (errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+
+def _connect(host: str, port: int, deadline: float,
+             source_address: tuple[str, int] | None) -> socket.socket:
+    """Connect before `deadline`, trying again while the address is not routed yet."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        try:
+            return proxy.create_connection((host, port), timeout=left, source_address=source_address)
+        except OSError as e:
+            if e.errno not in _NOT_ROUTED_YET or deadline - time.monotonic() < 0.25:
+                raise
+            time.sleep(0.25)
 
 
 def _load_client_cert(ctx: ssl.SSLContext, cert: IssuedCert) -> None:
