@@ -83,7 +83,7 @@ def generate(c: Client, max_tokens: int = 16) -> dict[str, Any]:
 class LongStream(threading.Thread):
     """A long generation in the background; records its tokens and how it ended."""
 
-    def __init__(self, c: Client, max_tokens: int = 1500) -> None:
+    def __init__(self, c: Client, max_tokens: int = 2000) -> None:
         super().__init__(daemon=True)
         self.c, self.max_tokens = c, max_tokens
         self.tokens = 0
@@ -95,7 +95,10 @@ class LongStream(threading.Thread):
     def run(self) -> None:
         try:
             for ev in self.c.stream(prompt="Once upon a time", model=CFG["model"],
-                                    max_tokens=self.max_tokens, ignore_eos=True, timeout=60):
+                                    max_tokens=self.max_tokens, ignore_eos=True, timeout=60,
+                                    # plain decoding: prompt lookup on this repetitive story can
+                                    # finish 1,500 tokens before a 3 s expiry comes due
+                                    speculate=False):
                 if isinstance(ev, TokenDelta):
                     self.tokens += len(ev.token_ids)
                     if self.tokens >= 3:
