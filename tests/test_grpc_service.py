@@ -85,14 +85,7 @@ def test_sixteen_concurrent_streams_match_solo_runs(server, client):
     assert all(g.finish_reason in ("stop", "length") for g in together)
 
 
-def _decode_rate(client, max_tokens: int = 200) -> float:
-    g = client.complete("Once upon a time", max_tokens=max_tokens, ignore_eos=True)
-    t = g.completed.timings
-    return g.completed.usage.completion_tokens / max(t.total_ms - t.time_to_first_token_ms, 1e-3) * 1000
-
-
 def test_client_cancel_frees_the_slot(client):
-    baseline = _decode_rate(client)
     stream = client.stream(prompt="Once upon a time", max_tokens=1900, ignore_eos=True)
     got = 0
     for event in stream:
@@ -101,8 +94,17 @@ def test_client_cancel_frees_the_slot(client):
             if got >= 3:
                 stream.cancel()
     assert wait_idle(client) == 0, "cancelled stream still holds a slot"
-    after = _decode_rate(client)
-    assert after > 0.5 * baseline, f"decode after cancel {after:.0f} tok/s vs {baseline:.0f} before"
+    # The engine decodes nothing for the cancelled stream any more: while one more request
+    # runs, the server's token counter grows by exactly that request's tokens (a leftover
+    # 1900-token sequence in the batch would add one token per step). Counting tokens, not
+    # timing them, holds on a loaded machine too.
+    before = client.server_info()
+    assert before.active_streams == 0 and before.queued_requests == 0
+    g = client.complete("Once upon a time", max_tokens=200, ignore_eos=True)
+    after = client.server_info()
+    assert g.completed.usage.completion_tokens == 200
+    assert after.generated_tokens - before.generated_tokens == 200, (before, after)
+    assert after.active_streams == 0
 
 
 def test_cancel_rpc_by_request_id(client):

@@ -128,6 +128,45 @@ def test_router_orders_by_preference_path_and_load():
     assert down.value.status == 503 and "127.0.0.1:1" in down.value.message
 
 
+class _ProbedServer:
+    """Answers the link's probes after a scripted delay (seconds), with a fixed load."""
+
+    def __init__(self, name: str, active: int, delays: list[float]) -> None:
+        self.name, self.active, self.delays = name, active, delays
+
+    async def server_info(self, timeout=None):
+        import asyncio
+        from types import SimpleNamespace
+
+        await asyncio.sleep(self.delays.pop(0) if len(self.delays) > 1 else self.delays[0])
+        return SimpleNamespace(name=self.name, active_streams=self.active, queued_requests=0)
+
+    async def list_models(self, timeout=None):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(id="m", state="loaded", aliases=(), context_length=2048)]
+
+
+def test_one_slow_probe_does_not_send_requests_to_the_busy_server():
+    """Regression: the idle server's probe landed while it computed a prefill (270 ms on a
+    loaded host) and that one sample outweighed the busy server's 4 streams (+100 ms); the
+    round trip is now the least of the last few probes."""
+    import asyncio
+
+    r = Router()
+    idle, busy = r.add("127.0.0.1:1", name="idle"), r.add("127.0.0.1:2", name="busy")
+    idle.client = _ProbedServer("idle", 0, [0.01, 0.01, 0.3])  # type: ignore[assignment]
+    busy.client = _ProbedServer("busy", 4, [0.03])  # type: ignore[assignment]
+
+    async def probes(n: int) -> None:
+        for _ in range(n):
+            await r.refresh()
+
+    asyncio.run(probes(3))
+    assert idle.latency_ms < 200 and busy.active == 4, (idle, busy)
+    assert [s.name for s in r.candidates("m")[0]] == ["idle", "busy"]
+
+
 def test_link_prefer_command_stores_the_preference(tmp_path):
     env = {**os.environ, "LMLINK_CONFIG_DIR": str(tmp_path)}
     out = subprocess.run(lmlink_cmd("link", "prefer", "qwen", "studio"), env=env,
@@ -373,10 +412,13 @@ def test_routes_away_from_a_server_under_real_load(tmp_path):
         while time.monotonic() < deadline:
             seen = {d["server"]: d for d in httpx.get(url.removesuffix("/v1") + "/status",
                                                       timeout=10).json()["servers"]}
-            if seen.get("busy", {}).get("active_streams", 0) >= 1 and seen.get("idle", {}).get("up"):
+            # both measured over a few probes (the round trip is the least of them)
+            if seen.get("busy", {}).get("active_streams", 0) >= 1 and all(
+                    seen.get(n, {}).get("up") and seen[n].get("latency_samples", 0) >= 3
+                    for n in ("busy", "idle")):
                 break
             time.sleep(0.2)
-        assert seen["busy"]["active_streams"] >= 1, seen
+        assert seen["busy"]["active_streams"] >= 1 and seen["idle"]["latency_samples"] >= 3, seen
         who = set()
         for _ in range(4):
             raw = oai.chat.completions.with_raw_response.create(model="gamma", messages=ASK,

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from support.netns import require_root
-from tailnet.bed import namespaces_left, tailnet_bed
+from tailnet.bed import namespaces_left, tailnet_bed, wait_for
 from tailnet.lab import EVE_DENIED, GRPC_PORT, MODEL, build_lab, lmlink, start_serve
 from tailnet.tools import tool
 
@@ -49,6 +49,16 @@ def lab():
         assert m, lab.serving.stderr()[-2000:]  # the child, not tailscale-py, is what serves
         lab.timings["tsnet_child_up_s"] = float(m.group(1))
         lab.embed = host
+        # The server is up once it has joined; each laptop can route to it only once headscale
+        # has sent the new node to that laptop's tailscaled (seen: over 12 s on a loaded bed,
+        # "Network is unreachable" until then). Wait for that signal on every laptop.
+        ip = lab.serving.ready["grpc"].split(", ")[0].rsplit(":", 1)[0]
+        t1 = time.monotonic()
+        for node in (lab.alice, lab.bob, lab.eve):
+            wait_for(f"{node.role}'s tailscaled to list the tsnet node {ip}",
+                     lambda node=node: any(ip in (p.get("TailscaleIPs") or [])
+                                           for p in (node.status().get("Peer") or {}).values()), 60)
+        lab.timings["tsnet_in_laptops_netmaps_s"] = time.monotonic() - t1
         print(f"lab timings: {lab.timings}")
         try:
             yield lab

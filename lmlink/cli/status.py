@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     discover.add_argument(
         "--timeout", type=number(0.0, 60.0, low_open=True), default=None, metavar="S",
         help="seconds to listen for mDNS answers, up to 60 (default: 2, or discovery_timeout "
-        "in config.toml); confirming what was found may take up to 3 s more",
+        "in config.toml); confirming what was found may take up to 3 s more (15 s for a "
+        "tailnet server this device has not connected to yet: its first WireGuard handshake)",
     )
     discover.add_argument("--json", action="store_true", help="print JSON")
     discover.add_argument("--direct-only", action="store_true",

@@ -54,6 +54,7 @@ class BaseClient:
             [*CHANNEL_OPTIONS, *options],
             tls=tls,
             expected_fingerprint=expected_fingerprint,
+            timeout=timeout,  # a caller's deadline also bounds the certificate fetch
         )
         # A bearer token (`lmlink token create`) names the caller on every call.
         self._metadata: tuple[tuple[str, str], ...] | None = (

@@ -454,8 +454,10 @@ async def adiscover(
     """Listen `timeout` seconds (mDNS), ask LocalAPI for peers, confirm every candidate.
 
     `until(endpoints)` returning True stops listening early (e.g. once a best-rank endpoint
-    is confirmed). Confirmation may add up to VERIFY_TIMEOUT seconds after listening stops.
+    is confirmed). Confirmation may add up to VERIFY_TIMEOUT seconds after listening stops, and
+    FETCH_TIMEOUT more for a tailnet peer with no connection yet (first WireGuard handshake).
     """
+    from lmlink.net.pinning import FETCH_TIMEOUT
     from lmlink.net.tailnet_discovery import tailnet_candidates
 
     settings = settings or load_settings()
@@ -464,6 +466,7 @@ async def adiscover(
     start = time.monotonic()
     found: dict[str, Endpoint] = {}
     pending: set[asyncio.Task[None]] = set()
+    checking: dict[asyncio.Task[None], Endpoint] = {}
     notes: list[str] = []
     peers_task = asyncio.ensure_future(asyncio.to_thread(_peers, localapi_socket))
 
@@ -480,7 +483,9 @@ async def adiscover(
             return
         if not verify:
             return
-        _apply(ep, await asyncio.to_thread(_confirm, ep, VERIFY_TIMEOUT))
+        # no connection to this peer yet: its first WireGuard handshake may need the retry
+        bound = FETCH_TIMEOUT if ep.path == "idle" else VERIFY_TIMEOUT
+        _apply(ep, await asyncio.to_thread(_confirm, ep, bound))
         if ep.path == "idle" and peers is not None:  # connecting may have set up a path
             peers, note = await asyncio.to_thread(_peers, localapi_socket)
             _apply_path(ep, peers, note)
@@ -501,6 +506,7 @@ async def adiscover(
         found[key] = ep
         task = asyncio.ensure_future(check(ep))
         pending.add(task)
+        checking[task] = ep
 
     if tailnet:
         peers, note = await peers_task
@@ -538,6 +544,11 @@ async def adiscover(
             left = start + timeout - time.monotonic()
     if pending:
         await asyncio.wait(pending, timeout=VERIFY_TIMEOUT + 1.0)
+        # A tailnet peer this device has no connection to yet may need WireGuard's handshake
+        # retry (5 s) before it answers at all: give those the certificate fetch's own bound.
+        first = [t for t in pending if not t.done() and checking[t].path == "idle"]
+        if first:
+            await asyncio.wait(first, timeout=FETCH_TIMEOUT)
     for task in pending:
         task.cancel()
     endpoints = merge_endpoints(list(found.values()))

@@ -45,9 +45,13 @@ def is_loopback_host(host: str) -> bool:
 
 
 def channel_security(
-    target: str, *, tls: bool | None = None, expected_fingerprint: str | None = None
+    target: str, *, tls: bool | None = None, expected_fingerprint: str | None = None,
+    timeout: float | None = None,
 ) -> ChannelSecurity:
-    """Plaintext for loopback targets unless `tls=True`; pinned TLS for everything else."""
+    """Plaintext for loopback targets unless `tls=True`; pinned TLS for everything else.
+
+    `timeout` bounds fetching the certificate (default: the pin module's first-contact bound).
+    """
     host, port = split_target(target)
     if tls is False and not is_loopback_host(host):
         raise LmlinkError("plaintext is only allowed to loopback servers")
@@ -65,7 +69,8 @@ def channel_security(
 
     client_cert = load_client_cert(server_key(host, port))
     try:
-        pinned = pin_server(host, port, client_cert=client_cert, expected=expected_fingerprint)
+        pinned = pin_server(host, port, client_cert=client_cert, expected=expected_fingerprint,
+                            **({} if timeout is None else {"timeout": timeout}))
     except FingerprintMismatch as exc:
         error = TrustError(str(exc))
         error.expected, error.presented = exc.pinned, exc.presented  # type: ignore[attr-defined]
@@ -84,6 +89,7 @@ def channel_settings(
     *,
     tls: bool | None,
     expected_fingerprint: str | None,
+    timeout: float | None = None,
 ) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]], str]:
     """(credentials, options, pinned fingerprint) for a client channel; shared by both clients.
 
@@ -91,5 +97,6 @@ def channel_settings(
     """
     if credentials is not None:
         return credentials, options, ""
-    security = channel_security(target, tls=tls, expected_fingerprint=expected_fingerprint)
+    security = channel_security(target, tls=tls, expected_fingerprint=expected_fingerprint,
+                                timeout=timeout)
     return security.credentials, [*options, *security.options], security.fingerprint

@@ -8,7 +8,11 @@ that have it loaded:
 1. the preferred server for that model (`lmlink link prefer MODEL SERVER`), if it is up;
 2. then by path: loopback or direct tailnet paths before unknown ones before DERP-relayed ones;
 3. then by cost = round-trip ms + 25 ms per active stream + 50 ms per queued request (the
-   streams this link itself opened since the last probe count too).
+   streams this link itself opened since the last probe count too). The round trip is the
+   least of the last LATENCY_SAMPLES probes, never the call that opened the channel: a probe
+   answered while the server computes a prefill measures that moment's load (the stream
+   counts already price load), not the path; on a loaded host one such sample ran to 270 ms
+   and sent requests to the busier server.
 
 `model@server` pins a request to one server (no failover). A server that fails is marked down
 at once and probed again on the next tick, so the link recovers by itself when it comes back.
@@ -24,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -38,6 +43,7 @@ log = logging.getLogger("lmlink.link")
 DENIALS = {grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.UNAUTHENTICATED: 401}
 ACTIVE_COST_MS = 25.0
 QUEUED_COST_MS = 50.0
+LATENCY_SAMPLES = 5
 _PATH_RANK = {"loopback": 0, "direct": 0, "unknown": 1, "idle": 1, "relayed": 2}
 
 
@@ -54,7 +60,8 @@ class Server:
     models: tuple[str, ...] = ()  # loaded model ids
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> id
     context: dict[str, int] = field(default_factory=dict)
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # least of `rtts`
+    rtts: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES), repr=False)
     active: int = 0
     queued: int = 0
     inflight: int = 0  # streams this link has open to it now
@@ -88,6 +95,7 @@ class Server:
         return {
             "server": self.label, "target": self.target, "origin": self.origin, "up": self.up,
             "path": self.path, "models": list(self.models), "latency_ms": round(self.latency_ms, 2),
+            "latency_samples": len(self.rtts),
             "active_streams": self.active, "queued_requests": self.queued,
             "link_streams": self.inflight, "error": "" if self.up else self.error,
         }
@@ -196,13 +204,17 @@ class Router:
     async def _probe(self, server: Server, timeout: float) -> None:
         was_up = server.up
         try:
+            fresh = server.client is None
             client = await self.client(server)
+            if fresh:  # the first call on a new channel also connects: not the path's round trip
+                await client.server_info(timeout=timeout)
             start = time.perf_counter()
             info = await client.server_info(timeout=timeout)
             latency = (time.perf_counter() - start) * 1000
             models = await client.list_models(timeout=timeout)
         except (LmlinkError, OSError) as exc:
             server.up, server.error = False, str(exc) or exc.__class__.__name__
+            server.rtts.clear()  # a server that comes back is measured afresh
             server.denied = DENIALS.get(getattr(exc, "code", None), 0)  # type: ignore[arg-type]
             if server.client is not None:  # a fresh channel reconnects at once next time
                 with contextlib.suppress(Exception):
@@ -211,7 +223,8 @@ class Router:
         else:
             loaded = [m for m in models if m.state == "loaded"]
             server.name = info.name or server.name
-            server.latency_ms = latency
+            server.rtts.append(latency)
+            server.latency_ms = min(server.rtts)
             server.active, server.queued = info.active_streams, info.queued_requests
             server.models = tuple(m.id for m in loaded)
             server.aliases = {a: m.id for m in loaded for a in m.aliases}

@@ -11,6 +11,7 @@ pin is enforced by the real handshake, not just by our probe. A changed certific
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import ipaddress
 import json
@@ -18,6 +19,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,14 @@ from lmlink.net.tls import IssuedCert, fingerprint, first_cert_pem
 
 CONFIG_ENV = defaults.ENV_CONFIG_DIR
 KNOWN_SERVERS = "known_servers.json"
+
+# How long fetching a server's certificate may take. The first connection to a tailnet peer
+# often loses its first WireGuard handshake initiation (the peer's netmap does not list us yet,
+# or its DERP connection is still coming up), and WireGuard retries only after REKEY_TIMEOUT,
+# 5 s: a first contact then takes a little over 5 s, more on a loaded host. 12 s leaves room
+# for that retry and one more, so a user never sees "timed out" against a server that just
+# joined; an unreachable server still fails within it (refused connections fail at once).
+FETCH_TIMEOUT = 12.0
 
 
 class PinningError(Exception):
@@ -136,10 +146,13 @@ def _entry(fp: str) -> dict[str, str]:
 
 
 def fetch_server_certificate(
-    host: str, port: int, *, timeout: float = 5.0, client_cert: IssuedCert | None = None,
+    host: str, port: int, *, timeout: float = FETCH_TIMEOUT, client_cert: IssuedCert | None = None,
     source_address: tuple[str, int] | None = None,
 ) -> bytes:
-    """The leaf certificate (PEM) the server presents; no verification (that is the pin's job)."""
+    """The leaf certificate (PEM) the server presents; no verification (that is the pin's job).
+
+    `timeout` bounds the whole fetch (connect, proxy CONNECT and TLS handshake together).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -148,10 +161,14 @@ def fetch_server_certificate(
     if client_cert is not None:
         _load_client_cert(ctx, client_cert)
     sni = None if _is_ip(host) else host
+    deadline = time.monotonic() + timeout
     try:
         # through tailscaled's CONNECT proxy on a userspace-networking device (env, as gRPC)
-        with proxy.create_connection((host.strip("[]"), port), timeout=timeout,
-                                     source_address=source_address) as raw:
+        with _connect(host.strip("[]"), port, deadline, source_address) as raw:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            raw.settimeout(left)  # the handshake's reads share what is left of the deadline
             with ctx.wrap_socket(raw, server_hostname=sni) as tls:
                 der = tls.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError) as e:
@@ -159,6 +176,26 @@ def fetch_server_certificate(
     if not der:
         raise PinningError(f"{server_key(host, port)} presented no certificate")
     return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+# A tailnet peer that just joined is unroutable until this device's netmap lists it (the
+# kernel answers "Network is unreachable" from the TUN routes): usually well under a second.
+_NOT_ROUTED_YET = (errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+
+def _connect(host: str, port: int, deadline: float,
+             source_address: tuple[str, int] | None) -> socket.socket:
+    """Connect before `deadline`, trying again while the address is not routed yet."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        try:
+            return proxy.create_connection((host, port), timeout=left, source_address=source_address)
+        except OSError as e:
+            if e.errno not in _NOT_ROUTED_YET or deadline - time.monotonic() < 0.25:
+                raise
+            time.sleep(0.25)
 
 
 def _load_client_cert(ctx: ssl.SSLContext, cert: IssuedCert) -> None:
@@ -223,7 +260,7 @@ class PinnedServer:
 
 
 def pin_server(
-    host: str, port: int, *, store: PinStore | None = None, timeout: float = 5.0,
+    host: str, port: int, *, store: PinStore | None = None, timeout: float = FETCH_TIMEOUT,
     client_cert: IssuedCert | None = None, expected: str | None = None,
 ) -> PinnedServer:
     """Fetch the server's certificate and check it against its pin (TOFU on first contact).

@@ -2,9 +2,9 @@
 
 Layout (names carry pid + random, so parallel runs never collide):
 
-    ns <tag>-ctl: bridge br0 198.18.<n>.1/24, headscale (HTTP :8080, embedded DERP on the same
+    ns <tag>-ctl: bridge br0 10.213.<n>.1/24, headscale (HTTP :8080, embedded DERP on the same
                   port, STUN on :3478, sqlite + policy file in a temp dir)
-    ns <tag>-<node>: eth0 198.18.<n>.x/24 (veth into the bridge), tailscaled (TUN or
+    ns <tag>-<node>: eth0 10.213.<n>.x/24 (veth into the bridge), tailscaled (TUN or
                   userspace networking) with its own state dir and socket, joined with a
                   pre-auth key
 
@@ -124,7 +124,7 @@ class Bed:
 
     @property
     def ctl_ip(self) -> str:
-        return f"198.18.{self.net}.1"
+        return f"10.213.{self.net}.1"
 
     @property
     def url(self) -> str:
@@ -237,7 +237,7 @@ class Bed:
         self._veths += 1
         i = self._veths
         node = Node(role=role, ns=f"{self.ctl_ns[:-4]}-{role}", hostname=hostname or role,
-                    underlay=f"198.18.{self.net}.{10 + i}", dir=self.root / role,
+                    underlay=f"10.213.{self.net}.{10 + i}", dir=self.root / role,
                     userspace=userspace, user=user or "", tags=tags)
         node.dir.mkdir(mode=0o700, parents=True)
         host_end, node_end = f"tb{self.tag}{i}h", f"tb{self.tag}{i}n"
