@@ -46,6 +46,7 @@ TIERS: dict[str, tuple[str, ...]] = {
     "test_real_tailnet.py": ("netns", "slow"),
     "test_real_tailnet_tsnet.py": ("netns", "slow"),
     "test_real_tailnet_userspace.py": ("netns", "slow"),
+    "test_real_tailnet_expiry.py": ("netns", "slow"),
     "test_phone_real_tailnet.py": ("netns", "slow"),
     "test_cluster.py": ("cluster", "slow"),
     # Several servers per test, restarts, or timing measurements (10-55 s each here).
