@@ -12,23 +12,15 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import start_server, stop_server
-from test_agent_openai import SCHEMA
-from test_link import start_link
+from support.agent import SCHEMA, serve_with_link
 
 TOOL = {"name": "get_weather", "description": "Weather for a city", "input_schema": SCHEMA}
 
 
 @pytest.fixture(scope="module")
 def endpoints() -> Iterator[dict[str, str]]:
-    srv = start_server()
-    link, url = start_link(srv.address)
-    try:
-        yield {"server": srv.http_url, "link": url.rstrip("/").removesuffix("/v1")}
-    finally:
-        link.terminate()
-        link.wait(10)
-        stop_server(srv.process)
+    with serve_with_link() as urls:
+        yield urls
 
 
 @pytest.fixture(params=["server", "link"])
@@ -179,8 +171,8 @@ def test_messages_bad_input_is_an_anthropic_400(claude, body, needle):
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 
-from test_access_store import FakeGate  # noqa: E402
-from test_http_bridge import DenyGate, bridge  # noqa: E402
+from support.gates import DenyGate, PolicyOnlyGate  # noqa: E402
+from support.inprocess import http_bridge  # noqa: E402
 
 
 @contextlib.asynccontextmanager
@@ -207,7 +199,7 @@ MSG = {"model": "", "max_tokens": 40, "messages": [{"role": "user", "content": "
 
 
 async def test_gate_denial_is_403_in_each_doors_shape(engine):
-    async with bridge(engine, DenyGate()) as (url, _), httpx.AsyncClient(base_url=url) as h:
+    async with http_bridge(engine, DenyGate()) as (url, _), httpx.AsyncClient(base_url=url) as h:
         denied = await h.post("/v1/messages", json=MSG)
         assert denied.status_code == 403
         assert denied.json()["error"]["type"] == "permission_error" and "no grant" in denied.json()["error"]["message"]
@@ -224,7 +216,7 @@ async def test_tokens_quotas_audit_and_private_response_state(engine, tmp_path):
     state.shares.add("bob@example.com", [engine.model_id])
     alice, _ = state.tokens.create("alice-cli", "alice@example.com")
     bob, _ = state.tokens.create("bob-cli", "bob@example.com")
-    guard = Guard(FakeGate(state), state)
+    guard = Guard(PolicyOnlyGate(state), state)
     try:
         async with guarded_bridge(engine, guard) as url, httpx.AsyncClient(base_url=url, timeout=60) as h:
             assert (await h.post("/v1/messages", json=MSG)).status_code == 401

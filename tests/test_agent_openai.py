@@ -11,20 +11,8 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import start_server, stop_server
-from test_link import start_link
+from support.agent import SCHEMA, serve_with_link
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 9},
-        "unit": {"enum": ["C", "F"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["city", "days", "unit", "tags"],
-    "additionalProperties": False,
-}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": SCHEMA}},
     # closed object: with extra keys allowed (JSON Schema's default) the grammar lets a toy model
@@ -36,14 +24,8 @@ ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 @pytest.fixture(scope="module")
 def endpoints() -> Iterator[dict[str, str]]:
-    srv = start_server()
-    link, url = start_link(srv.address)
-    try:
-        yield {"server": srv.http_url, "link": url.rstrip("/").removesuffix("/v1")}
-    finally:
-        link.terminate()
-        link.wait(10)
-        stop_server(srv.process)
+    with serve_with_link() as urls:
+        yield urls
 
 
 @pytest.fixture(params=["server", "link"])

@@ -29,7 +29,7 @@ from lmlink.client import AsyncClient, Client, Completed, InvalidArgument, Unaut
 from lmlink.v1 import inference_pb2_grpc as pb_grpc
 
 from conftest import ServerProcess, lmlink_cmd, start_server, stop_server
-from test_link import start_link
+from support.link import start_link
 
 ASK = [{"role": "user", "content": "Tell me about the river."}]
 MAX_BATCH = 2

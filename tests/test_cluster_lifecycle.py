@@ -19,7 +19,9 @@ from conftest import REPO, lmlink_cmd
 from lmlink.client import Client
 from lmlink.net.listeners import listening_sockets
 from support.procs import die_with_parent
-from test_cluster import assert_gone, down, pytestmark, up  # noqa: F401 (skip without mpirun)
+from support.cluster import NEEDS_MPIRUN, assert_gone, down, up
+
+pytestmark = NEEDS_MPIRUN
 
 
 def _comm(pid: int) -> str:

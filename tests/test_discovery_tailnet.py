@@ -14,16 +14,13 @@ default, merged), `lmlink chat` with no --server and no $LMLINK_SERVER uses disc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import os
-import secrets
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -31,7 +28,7 @@ from lmlink.client.discovery import ClientSettings, discover
 from lmlink.net.localapi import LocalAPI
 from lmlink.net.tailnet_discovery import tailnet_candidates
 from support.localapi_standin import LocalAPIStandin, Node, Tailnet
-from support.netns import namespaces_left, require_root, run
+from support.netns import isolated_namespace, lmlink_in, namespaces_left, require_root
 from support.checks import one_line_error
 from support.procs import read_json_line
 
@@ -90,24 +87,6 @@ def test_tailnet_discovery_confirms_and_refuses_relayed(server, tmp_path, monkey
 
 
 # ----- the CLI in a namespace of its own ----------------------------------------------------
-
-
-@contextlib.contextmanager
-def isolated_namespace() -> Iterator[str]:
-    name = f"lmlink-{os.getpid() % 10000:04d}{secrets.token_hex(2)}-d"
-    run("ip", "netns", "add", name)
-    try:
-        run("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
-
-
-def lmlink_in(ns: str, *args: str, env: dict[str, str], timeout: float = 30,
-              input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "lmlink.cli", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          input=input)
 
 
 @pytest.mark.timeout(120)

@@ -19,7 +19,7 @@ import pytest
 
 from lmlink.client.discovery import Endpoint, rank
 from support.netns import require_root
-from test_discovery_tailnet import isolated_namespace, lmlink_in
+from support.netns import isolated_namespace, lmlink_in
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"

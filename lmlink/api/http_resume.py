@@ -20,7 +20,7 @@ from lmlink.engine.types import Completed, PromptProgress, TokenDelta, ToolCallE
 
 from .core import Core
 from .errors import CallError, ErrorKind
-from .http_shell import KEEPALIVE, EventStream, peer_string
+from .http_shell import EventStream, peer_string
 from .openai_schema import DONE, ChunkEncoder, error_event
 from .resume import Tap
 
@@ -30,6 +30,13 @@ def event_id(request_id: str, n: int) -> bytes:
     if "\n" in request_id or "\r" in request_id:
         return b""
     return b"id: %s:%d\n" % (request_id.encode(), n)
+
+
+# Comments as single lines, never followed by a blank line: once an `id:` has been sent, some
+# SSE decoders (the openai package's among them) turn any blank line into an empty event, since
+# the last event id is never reset; a comment block ending in a blank line would reach them as
+# `data: ""` and fail to parse. A comment line alone is valid SSE and keeps proxies awake.
+COMMENT_KEEPALIVE = b": keep-alive\n"
 
 
 async def sse(tap: Tap, after: int, keepalive: float, *, opening: bool) -> AsyncIterator[bytes]:
@@ -46,7 +53,7 @@ async def sse(tap: Tap, after: int, keepalive: float, *, opening: bool) -> Async
                 out: list[bytes] = []
                 batch = await reader.next(keepalive)
                 if batch is None:
-                    yield KEEPALIVE
+                    yield COMMENT_KEEPALIVE
                     continue
                 if not batch:
                     if tap.error is not None:  # failed or cut mid-stream: OpenAI's in-band error
@@ -58,8 +65,8 @@ async def sse(tap: Tap, after: int, keepalive: float, *, opening: bool) -> Async
                         if chunk:
                             out.append(event_id(rid, n) + chunk)
                     elif isinstance(event, PromptProgress):
-                        out.append(b": prompt %d/%d\n\n" % (event.processed_tokens,
-                                                            event.total_tokens))
+                        out.append(b": prompt %d/%d\n" % (event.processed_tokens,
+                                                           event.total_tokens))
                     elif isinstance(event, Completed):
                         out.append(event_id(rid, n) + encoder.finish(event.finish_reason))
                         if include_usage:

@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -174,3 +175,24 @@ def namespaces_left(prefix: str = "lmlink-") -> list[str]:
     """Namespaces with our prefix still present (for a leak check)."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+# ----- the CLI in a namespace of its own ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def isolated_namespace() -> Iterator[str]:
+    name = f"lmlink-{os.getpid() % 10000:04d}{secrets.token_hex(2)}-d"
+    run("ip", "netns", "add", name)
+    try:
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
+
+
+def lmlink_in(ns: str, *args: str, env: dict[str, str], timeout: float = 30,
+              input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "lmlink.cli", *args],
+                          cwd=Path(__file__).resolve().parent.parent.parent, env=env, capture_output=True, text=True, timeout=timeout,
+                          input=input)
