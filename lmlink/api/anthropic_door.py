@@ -33,7 +33,7 @@ from lmlink.engine.types import (
     ToolSpec,
 )
 
-from .door_common import DoorBackend, new_id, sampling, sse, with_api_key
+from .door_common import DoorBackend, bad_request, new_id, sampling, sse, with_api_key
 from .errors import CallError
 from .http_shell import EventStream, read_body
 from .openai_schema import ApiError, parse_json
@@ -52,15 +52,11 @@ def error_response(error: CallError) -> JSONResponse:
                         error.http_status, headers=headers)
 
 
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, code="invalid_value" if param else "invalid_request", param=param)
-
-
 def _text_blocks(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _bad(f"{where} must be a string or a list of text blocks", where)
+        raise bad_request(f"{where} must be a string or a list of text blocks", where)
     out = []
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
@@ -73,18 +69,18 @@ def _text_blocks(content: Any, where: str) -> str:
 
 def parse_messages(raw: Any) -> list[ChatTurn]:
     if not isinstance(raw, list) or not raw:
-        raise _bad("messages must be a non-empty list", "messages")
+        raise bad_request("messages must be a non-empty list", "messages")
     turns: list[ChatTurn] = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise _bad(f"{where} must have role user or assistant", where)
+            raise bad_request(f"{where} must have role user or assistant", where)
         role, content = m["role"], m.get("content")
         if isinstance(content, str):
             turns.append(ChatTurn(role, content))
             continue
         if not isinstance(content, list):
-            raise _bad(f"{where}.content must be a string or a list of blocks", where)
+            raise bad_request(f"{where}.content must be a string or a list of blocks", where)
         texts: list[str] = []
         calls: list[ToolCall] = []
         for j, block in enumerate(content):
@@ -92,11 +88,11 @@ def parse_messages(raw: Any) -> list[ChatTurn]:
             at = f"{where}.content[{j}]"
             if kind == "text":
                 if not isinstance(block.get("text"), str):
-                    raise _bad(f"{at}.text must be a string", at)
+                    raise bad_request(f"{at}.text must be a string", at)
                 texts.append(block["text"])
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
-                    raise _bad(f"{at} needs a name and an input object", at)
+                    raise bad_request(f"{at} needs a name and an input object", at)
                 calls.append(ToolCall(str(block.get("id") or new_id("toolu")), block["name"],
                                       json.dumps(block.get("input", {})), len(calls)))
             elif kind == "tool_result" and role == "user":
@@ -119,19 +115,19 @@ def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise _bad("tools must be a list", "tools")
+        raise bad_request("tools must be a list", "tools")
     out = []
     for i, t in enumerate(raw):
         where = f"tools[{i}]"
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-            raise _bad(f"{where} needs a name", where)
+            raise bad_request(f"{where} needs a name", where)
         if t.get("type") not in (None, "custom") or "input_schema" not in t:
             raise ApiError(400, f"{where} ({t.get('type') or t['name']}) is a server tool; only "
                            "custom tools with an input_schema are supported",
                            code="unsupported_parameter", param=where)
         schema = t["input_schema"]
         if not isinstance(schema, dict):
-            raise _bad(f"{where}.input_schema must be a JSON Schema object", where)
+            raise bad_request(f"{where}.input_schema must be a JSON Schema object", where)
         schema = {k: v for k, v in schema.items() if k != "cache_control"}
         out.append(ToolSpec(t["name"], str(t.get("description") or ""), json.dumps(schema)))
     return tuple(out)
@@ -145,21 +141,21 @@ def parse_tool_choice(raw: Any) -> str:
         return "function:" + raw["name"]
     mapped = {"auto": "auto", "any": "required", "none": "none"}.get(kind or "")
     if mapped is None:
-        raise _bad("tool_choice must be {type: auto | any | none} or {type: tool, name}", "tool_choice")
+        raise bad_request("tool_choice must be {type: auto | any | none} or {type: tool, name}", "tool_choice")
     return mapped
 
 
 def parse_request(body: Any, *, need_max_tokens: bool = True) -> tuple[str, GenerationRequest]:
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+        raise bad_request("the request body must be a JSON object")
     for key in _REFUSED:
         if body.get(key):
             raise ApiError(400, f"{key} is not supported", code="unsupported_parameter", param=key)
     if need_max_tokens and body.get("max_tokens") is None:
-        raise _bad("max_tokens is required", "max_tokens")
+        raise bad_request("max_tokens is required", "max_tokens")
     model = body.get("model") or ""
     if not isinstance(model, str):
-        raise _bad("model must be a string", "model")
+        raise bad_request("model must be a string", "model")
     turns = parse_messages(body.get("messages"))
     system = body.get("system")
     if system:

@@ -23,6 +23,11 @@ from lmlink.engine.types import ChatTurn, GenerationRequest, SamplingOptions
 from .openai_schema import ApiError
 
 
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    """400 for a value the door cannot take (naming the parameter when there is one)."""
+    return ApiError(400, message, code="invalid_value" if param else "invalid_request", param=param)
+
+
 class DoorCall(Protocol):
     """One open generation: engine events (Started, TokenDelta, ToolCallEvent, Completed)."""
 

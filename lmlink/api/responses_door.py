@@ -29,7 +29,7 @@ from lmlink.engine.types import (
     ToolCallEvent,
 )
 
-from .door_common import DoorBackend, ResponseStore, dumps, new_id, sampling
+from .door_common import DoorBackend, ResponseStore, bad_request, dumps, new_id, sampling
 from .openai_agent import parse_response_format, parse_tool_choice, parse_tools
 from .errors import CallError
 from .http_shell import EventStream, read_body
@@ -39,15 +39,11 @@ MAX_BODY = 4 * 1024 * 1024
 _REFUSED = ("background", "conversation", "prompt", "top_logprobs")
 
 
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, code="invalid_value" if param else "invalid_request", param=param)
-
-
 def _text_of(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _bad(f"{where} must be a string or a list of content parts", where)
+        raise bad_request(f"{where} must be a string or a list of content parts", where)
     out = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -55,7 +51,7 @@ def _text_of(content: Any, where: str) -> str:
             raise ApiError(400, f"{where}[{j}] is a {kind!r} part; only text parts are supported",
                            code="unsupported_parameter", param=where)
         if not isinstance(part.get("text"), str):
-            raise _bad(f"{where}[{j}].text must be a string", where)
+            raise bad_request(f"{where}[{j}].text must be a string", where)
         out.append(part["text"])
     return "".join(out)
 
@@ -64,24 +60,24 @@ def parse_input(raw: Any) -> list[ChatTurn]:
     if isinstance(raw, str):
         return [ChatTurn("user", raw)]
     if not isinstance(raw, list):
-        raise _bad("input must be a string or a list of items", "input")
+        raise bad_request("input must be a string or a list of items", "input")
     turns: list[ChatTurn] = []
     for i, item in enumerate(raw):
         where = f"input[{i}]"
         if not isinstance(item, dict):
-            raise _bad(f"{where} must be an object", where)
+            raise bad_request(f"{where} must be an object", where)
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
             if role == "developer":
                 role = "system"
             if role not in ("user", "system", "assistant"):
-                raise _bad(f"{where}.role must be user, system, developer or assistant", where)
+                raise bad_request(f"{where}.role must be user, system, developer or assistant", where)
             turns.append(ChatTurn(role, _text_of(item.get("content"), f"{where}.content")))
         elif kind == "function_call":
             name, args = item.get("name"), item.get("arguments", "{}")
             if not isinstance(name, str) or not isinstance(args, str):
-                raise _bad(f"{where} needs name and arguments (a JSON string)", where)
+                raise bad_request(f"{where} needs name and arguments (a JSON string)", where)
             call_id = str(item.get("call_id") or item.get("id") or new_id("call"))
             last = turns[-1] if turns else None
             if last is not None and last.role == "assistant" and not last.tool_call_id:
@@ -110,7 +106,7 @@ class ResponsesDoor:
         raw = await read_body(request, MAX_BODY)
         body = parse_json(raw)
         if not isinstance(body, dict):
-            raise _bad("the request body must be a JSON object")
+            raise bad_request("the request body must be a JSON object")
         for key in _REFUSED:
             if body.get(key) not in (None, False, 0):
                 raise ApiError(400, f"{key} is not supported", code="unsupported_parameter", param=key)
@@ -119,7 +115,7 @@ class ResponsesDoor:
         previous = body.get("previous_response_id")
         if previous is not None:
             if not isinstance(previous, str):
-                raise _bad("previous_response_id must be a string", "previous_response_id")
+                raise bad_request("previous_response_id must be a string", "previous_response_id")
             found = self.store.get(caller, previous)
             if found is None:
                 raise ApiError(404, f"previous response {previous!r} was not found (it expired, "
@@ -129,10 +125,10 @@ class ResponsesDoor:
         turns = [*history, *parse_input(body.get("input", []))]
         instructions = body.get("instructions")
         if instructions is not None and not isinstance(instructions, str):
-            raise _bad("instructions must be a string", "instructions")
+            raise bad_request("instructions must be a string", "instructions")
         messages = ([ChatTurn("system", instructions)] if instructions else []) + turns
         if not messages:
-            raise _bad("input is empty", "input")
+            raise bad_request("input is empty", "input")
         text_opts = body.get("text") or {}
         fmt = parse_response_format(text_opts.get("format") if isinstance(text_opts, dict) else None,
                                     "text.format")
@@ -145,7 +141,7 @@ class ResponsesDoor:
         )
         model = body.get("model") or ""
         if not isinstance(model, str):
-            raise _bad("model must be a string", "model")
+            raise bad_request("model must be a string", "model")
         call = await self.backend.open(request, model, gen)
         shape = _Shape(new_id("resp"), int(time.time()), call.model, body, previous)
         store = body.get("store", True) is not False
