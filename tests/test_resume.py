@@ -79,7 +79,8 @@ def test_grpc_stream_cut_mid_way_resumes_by_itself_token_for_token(served):
                     text.append(event.text)
                     ids.extend(event.token_ids)
                     deltas += 1
-                    if deltas in (5, 40) and cuts < 2:
+                    # early cut points: with prompt lookup the 300 tokens may come in ~20 deltas
+                    if deltas in (3, 12) and cuts < 2:
                         cuts += proxy.cut() > 0  # the connection dies, as on a network change
         assert cuts == 2 and stream.resumed >= 2, (cuts, stream.resumed)
         assert proxy.connections >= 3
