@@ -224,7 +224,10 @@ class Engine:
                 raise self._dead or EngineStopped("the server is shutting down")
             if request_id in self._by_id:
                 raise DuplicateRequestId(f"request id {request_id!r} is already running")
-            if len(self._incoming) >= self.config.max_queue:
+            # In the server the Guard already bounds waiting calls fairly; requests it just
+            # cancelled may sit here until the next step, so leave room for a whole batch
+            # rather than refuse a call the Guard admitted.
+            if len(self._incoming) >= self.config.max_queue + self.config.max_batch_size:
                 raise Overloaded(
                     f"{len(self._incoming)} requests are already waiting; retry shortly"
                 )
