@@ -28,6 +28,7 @@ normal pipelined mlx-lm step.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,16 +39,26 @@ from mlx_lm.models.cache import BatchKVCache
 from .sampling import can_draw_ahead, commit, draw_ahead
 
 MODES = ("off", "prompt-lookup", "draft-model")
-NGRAM_MAX = 4  # longest suffix looked up
-NGRAM_MIN = 2  # shorter suffixes match too often by chance to be worth a verify slot
-K_START = 4
-K_MAX = 8
-# Positions one verify pass may compute over the whole batch (pending tokens, drafts and the
-# padding of rows with shorter drafts): a lone stream verifies up to 7 drafts, 2 streams 3
-# each, 4 streams 1, 5 or more none. Decode on a CPU is compute-bound already at small batches
-# (here, 8 streams of chat on SmolLM2-135M with 3 positions per stream: paired runs 0.86x and
-# 1.04x of plain decoding, so no gain), where a GPU would still be bandwidth-bound.
-VERIFY_POSITIONS = 8
+NGRAM_MAX = 4  # longest suffix looked up (longer matches are tried first)
+# An edit or a quote copies its source in order: after a draft copied from position p, the
+# next match is looked for within NEAR tokens of where that copy left off before falling back
+# to the latest occurrence (which, for a 1-token suffix, is usually an unrelated one).
+NEAR = 8
+K_MAX = 7  # drafts per stream per step
+# The cost of one more position in a forward pass, relative to the pass itself. Decode reads
+# every weight once per pass, whatever the number of positions, and then spends a little
+# compute per position: on SmolLM2-135M (2-core EPYC, OpenBLAS 1 thread) a one-position pass
+# takes 104 ms, 2 positions 114-117, 8 positions 130, 24 positions 176, 32 positions 202,
+# i.e. +9 % for leaving matrix-vector products (PASS_JUMP) and ~0.03 of a pass per position.
+# On a GPU a position is cheaper still. The verify width is chosen each step to maximise expected
+# tokens per unit of this cost (see `choose_width`).
+POSITION_COST = 0.03
+# A pass over more than one position runs matrix-matrix products, which cost more per weight
+# read than the matrix-vector products of a lone stream's decode step (+9 % here).
+PASS_JUMP = 0.09
+RATE_PRIOR = 0.5  # a new stream's assumed chance that a draft token is accepted
+RATE_MEMORY = 0.7  # weight of the old estimate in each update (recent steps matter most)
+RATE_RECOVERY = 0.05  # drift toward the prior per step a draft is not verified
 
 
 @dataclass
@@ -63,10 +74,15 @@ class SpecStats:
 @dataclass
 class _Row:
     stats: SpecStats
-    k: int = K_START
     seq: list[int] = field(default_factory=list)  # tokens in the cache + the pending one
-    index: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> end position
+    index: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # n-gram -> ends
     indexed: int = 0  # n-grams ending before this position are in `index`
+    # Estimated chance that a draft token is accepted, by the length of the suffix matched
+    # (the longer the match, the likelier a copy): rates[n], 1 <= n <= NGRAM_MAX.
+    rates: list[float] = field(default_factory=lambda: [RATE_PRIOR] * (NGRAM_MAX + 1))
+    kind: int = 0  # the suffix length behind the last draft
+    copied_from: int = -1  # where the last draft was copied from
+    cursor: int = -1  # where that copy left off after verification
 
     def sync(self, committed: list[int], pending: int) -> None:
         """Bring `seq` up to committed + [pending] (it only ever grows at the end)."""
@@ -77,27 +93,93 @@ class _Row:
             self.seq = list(committed) + [pending]
             self.index.clear()
             self.indexed = 0
+            self.cursor = -1
 
     def draft(self, limit: int) -> list[int]:
-        """Up to `limit` tokens that followed the latest earlier occurrence of the suffix."""
+        """Up to `limit` tokens that followed an earlier occurrence of the text just written.
+
+        In order: the longest 2-4-token suffix found (the occurrence nearest where the last
+        copy left off, else the latest); the same for the suffix before the last token (an
+        edit that inserted one token, such as a comma, then goes on copying); a 1-token
+        suffix (weak evidence, verified only while this stream's drafts keep being accepted).
+        """
         seq = self.seq
         end = len(seq)
-        # Index the n-grams ending at every position before the current end.
-        for e in range(max(self.indexed, NGRAM_MIN), end):
-            for n in range(NGRAM_MIN, min(NGRAM_MAX, e) + 1):
-                self.index[tuple(seq[e - n:e])] = e
+        for e in range(max(self.indexed, 1), end):  # index the n-grams ending before `end`
+            for n in range(1, min(NGRAM_MAX, e) + 1):
+                self.index.setdefault(tuple(seq[e - n:e]), []).append(e)
         self.indexed = max(self.indexed, end)
-        for n in range(min(NGRAM_MAX, end - 1), NGRAM_MIN - 1, -1):
-            at = self.index.get(tuple(seq[end - n:]))
-            if at is not None and at < end:
-                return seq[at:at + limit]
-        return []
+        found = self._lookup(end, 2) or self._lookup(end - 1, 2) or self._lookup(end, 1)
+        at, self.kind = found or (-1, 0)
+        self.copied_from = at
+        return [] if at < 0 else seq[at:at + limit]
 
-    def adapt(self, drafted: int, accepted: int) -> None:
-        if drafted and accepted == drafted:
-            self.k = min(K_MAX, self.k + 2)
-        elif drafted:
-            self.k = max(1, accepted + 1)
+    @property
+    def rate(self) -> float:
+        return self.rates[self.kind]
+
+    def _lookup(self, upto: int, shortest: int) -> tuple[int, int] | None:
+        """(where the continuation of an earlier occurrence of seq[upto-n:upto] starts, n)."""
+        for n in range(min(NGRAM_MAX, upto - 1), shortest - 1, -1):
+            ends = self.index.get(tuple(self.seq[upto - n:upto]))
+            if ends and ends[0] < upto:
+                return _nearest(ends, upto, self.cursor), n
+        return None
+
+    def skipped(self) -> None:
+        """The draft was not verified: drift its estimate back toward the prior, so a kind of
+        match that stopped paying is tried again now and then."""
+        self.rates[self.kind] += RATE_RECOVERY * (RATE_PRIOR - self.rates[self.kind])
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """Update the acceptance estimate and the copy cursor after a verify pass."""
+        if not drafted:
+            return
+        # Each draft token is accepted with chance `rate` until the first rejection.
+        observed = accepted / (accepted + (accepted < drafted))
+        self.rates[self.kind] = RATE_MEMORY * self.rate + (1 - RATE_MEMORY) * observed
+        if self.copied_from >= 0:  # the source position of the next pending token
+            self.cursor = self.copied_from + accepted
+
+
+def _nearest(ends: list[int], upto: int, cursor: int) -> int:
+    """Of the ends before `upto`, the one closest to `cursor` if within NEAR of it, else the
+    latest."""
+    last = bisect.bisect_left(ends, upto)  # ends[:last] are earlier occurrences
+    if cursor >= 0:
+        i = bisect.bisect_left(ends, cursor, 0, last)
+        near = [e for e in ends[max(0, i - 1):min(i + 1, last)] if abs(e - cursor) <= NEAR]
+        if near:
+            return min(near, key=lambda e: abs(e - cursor))
+    return ends[last - 1]
+
+
+def pass_cost(positions: int, cost: float = POSITION_COST) -> float:
+    """A forward pass over `positions` positions, relative to a one-position pass."""
+    return 1.0 if positions <= 1 else 1.0 + PASS_JUMP + cost * (positions - 1)
+
+
+def choose_width(lengths: list[int], rates: list[float], cost: float = POSITION_COST) -> int:
+    """Positions per row (1 + drafts) that maximise expected tokens per unit of pass cost.
+
+    Every row pays for the full width (shorter drafts are padded) and a row's j-th draft
+    token is emitted with chance rate**j. A lone stream verifies all of its draft or none:
+    once it pays for a matrix product, more positions cost little, and acceptance comes in
+    runs (copying) more than the one-rate estimate says.
+    """
+    rows = len(lengths)
+    widths = range(2, max(lengths, default=0) + 2)
+    if rows == 1:
+        widths = range(lengths[0] + 1, lengths[0] + 2) if lengths[0] else range(0)
+    best_w, best = 1, rows / pass_cost(rows, cost)
+    for w in widths:
+        expected = rows + sum(
+            sum(r ** j for j in range(1, min(n, w - 1) + 1)) for n, r in zip(lengths, rates)
+        )
+        value = expected / pass_cost(rows * w, cost)
+        if value > best:
+            best_w, best = w, value
+    return best_w
 
 
 class DraftModel:
@@ -168,12 +250,15 @@ class SpeculativeBatch(GenerationBatch):
 
     @classmethod
     def create(
-        cls, model: Any, fallback_sampler: Any, drafter: "DraftModel | None" = None
+        cls, model: Any, fallback_sampler: Any, drafter: "DraftModel | None" = None,
+        position_cost: float = POSITION_COST,
     ) -> "SpeculativeBatch":
-        """`drafter`: a small model proposing the drafts; None = prompt lookup."""
+        """`drafter`: a small model proposing the drafts; None = prompt lookup.
+        `position_cost`: one more position's cost relative to a pass (see POSITION_COST)."""
         batch = cls.empty(model, fallback_sampler)
         batch.rows = {}
         batch.drafter = drafter
+        batch.position_cost = position_cost
         return batch
 
     def enable(self, uid: int) -> SpecStats:
@@ -206,29 +291,42 @@ class SpeculativeBatch(GenerationBatch):
         return self._verify(*plan)
 
     def _plan(self) -> tuple[list[int], list[list[int]]] | None:
-        """Each row's pending token and drafts, or None when no row has a draft."""
+        """Each row's pending token and drafts, or None when verifying would not pay."""
         if not all(isinstance(c, BatchKVCache) for c in self.prompt_cache):
             return None
-        limit = min(K_MAX, VERIFY_POSITIONS // len(self.uids) - 1)
-        if limit < 1:
-            return None
-        pending = self._next_tokens.tolist()
-        drafts: list[list[int]] = []
+        candidates: list[tuple[int, _Row, int]] = []  # (batch index, row, most drafts)
         for i, uid in enumerate(self.uids):
             row = self.rows.get(uid)
             sampler = self.samplers[i] if self.samplers else None
             # Room: the pending token and every accepted draft count toward max_tokens.
             room = self.max_tokens[i] - self._num_tokens[i] - 1
-            if row is None or room <= 0 or not can_draw_ahead(sampler or self.fallback_sampler):
-                drafts.append([])
-                continue
+            if row is not None and room > 0 and can_draw_ahead(sampler or self.fallback_sampler):
+                candidates.append((i, row, min(K_MAX, room)))
+        B = len(self.uids)
+        lengths, rates = [0] * B, [0.0] * B
+        for i, row, most in candidates:
+            lengths[i], rates[i] = most, max(row.rates)
+        # Even full-length drafts would not pay: skip before waiting for the pending tokens
+        # (reading them ends mlx-lm's overlap of this step's Python with the last compute).
+        if choose_width(lengths, rates, self.position_cost) == 1:
+            return None
+        pending = self._next_tokens.tolist()
+        drafts: list[list[int]] = [[] for _ in range(B)]
+        for i, row, most in candidates:
             row.sync(self.tokens[i], pending[i])
-            n = min(row.k, room, limit)
-            if self.drafter is not None:
-                drafts.append(self.drafter.draft(uid, row.seq, n))
+            if self.drafter is None:
+                drafts[i] = row.draft(most)
+            lengths[i] = len(drafts[i]) if self.drafter is None else most
+            rates[i] = row.rate
+        width = choose_width(lengths, rates, self.position_cost)
+        for i, row, _ in candidates:
+            if width == 1:
+                row.skipped()
+            elif self.drafter is not None:  # a draft model drafts only what will be verified
+                drafts[i] = self.drafter.draft(self.uids[i], row.seq, width - 1)
             else:
-                drafts.append(row.draft(n))
-        if not any(drafts):
+                drafts[i] = drafts[i][: width - 1]
+        if width == 1 or not any(drafts):
             return None
         return pending, drafts
 
@@ -303,7 +401,7 @@ class SpeculativeBatch(GenerationBatch):
                 if d:
                     row.stats.drafted += len(d)
                     row.stats.accepted += min(n, kept - 1)
-                    row.adapt(len(d), n)
+                    row.record(len(d), n)
             next_tokens.append(s[n])
             next_logprobs.append(lp_rows[i][n])
             responses.append((i, emitted, logprobs, finish))
