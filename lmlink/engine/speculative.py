@@ -34,7 +34,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, dynamic_roll
 
 from .sampling import can_draw_ahead, commit, draw_ahead
 
@@ -56,6 +56,12 @@ POSITION_COST = 0.03
 # A pass over more than one position runs matrix-matrix products, which cost more per weight
 # read than the matrix-vector products of a lone stream's decode step (+9 % here).
 PASS_JUMP = 0.09
+# With several rows, a verify pass costs more than its positions: rows keeping different
+# numbers of positions are re-aligned by moving their cached keys and values, and each row
+# is sampled on its own. Per row and cached position, relative to a pass: 8 rows of ~80
+# cached positions spent ~80 ms beyond their 157 ms forward pass on the machine above. It is
+# what makes verifying rarely worth it for a full batch on a CPU, unless most rows copy.
+CUT_COST = 0.001
 RATE_PRIOR = 0.5  # a new stream's assumed chance that a draft token is accepted
 RATE_MEMORY = 0.7  # weight of the old estimate in each update (recent steps matter most)
 RATE_RECOVERY = 0.05  # drift toward the prior per step a draft is not verified
@@ -159,24 +165,28 @@ def pass_cost(positions: int, cost: float = POSITION_COST) -> float:
     return 1.0 if positions <= 1 else 1.0 + PASS_JUMP + cost * (positions - 1)
 
 
-def choose_width(lengths: list[int], rates: list[float], cost: float = POSITION_COST) -> int:
+def choose_width(
+    lengths: list[int], rates: list[float], cached: int = 0, cost: float = POSITION_COST
+) -> int:
     """Positions per row (1 + drafts) that maximise expected tokens per unit of pass cost.
 
     Every row pays for the full width (shorter drafts are padded) and a row's j-th draft
-    token is emitted with chance rate**j. A lone stream verifies all of its draft or none:
-    once it pays for a matrix product, more positions cost little, and acceptance comes in
-    runs (copying) more than the one-rate estimate says.
+    token is emitted with chance rate**j; with several rows, re-aligning their caches
+    (`cached` positions each) afterwards costs CUT_COST per row and position. A lone
+    stream verifies all of its draft or none: once it pays for a matrix product, more
+    positions cost little, and acceptance comes in runs (copying) more than one rate says.
     """
     rows = len(lengths)
     widths = range(2, max(lengths, default=0) + 2)
     if rows == 1:
         widths = range(lengths[0] + 1, lengths[0] + 2) if lengths[0] else range(0)
     best_w, best = 1, rows / pass_cost(rows, cost)
+    cut = CUT_COST * rows * cached if rows > 1 else 0.0
     for w in widths:
         expected = rows + sum(
             sum(r ** j for j in range(1, min(n, w - 1) + 1)) for n, r in zip(lengths, rates)
         )
-        value = expected / pass_cost(rows * w, cost)
+        value = expected / (pass_cost(rows * w, cost) + cut)
         if value > best:
             best_w, best = w, value
     return best_w
@@ -185,8 +195,8 @@ def choose_width(lengths: list[int], rates: list[float], cost: float = POSITION_
 class DraftModel:
     """Drafts from a small model with the same vocabulary, run greedily on its own cache.
 
-    One unbatched cache per request: speculation only runs at small batch sizes (the verify
-    budget), and a per-request cache rolls back by a plain trim to the longest prefix it
+    One unbatched cache per request: speculation pays mostly at small batch sizes (see
+    `choose_width`), and a per-request cache rolls back by a plain trim to the longest prefix it
     shares with the request's real tokens. Every rank of a cluster would compute the same
     drafts from the same tokens, but only single-process serving offers it for now.
     """
@@ -308,7 +318,8 @@ class SpeculativeBatch(GenerationBatch):
             lengths[i], rates[i] = most, max(row.rates)
         # Even full-length drafts would not pay: skip before waiting for the pending tokens
         # (reading them ends mlx-lm's overlap of this step's Python with the last compute).
-        if choose_width(lengths, rates, self.position_cost) == 1:
+        cached = self.prompt_cache[0]._idx if self.prompt_cache else 0
+        if choose_width(lengths, rates, cached, self.position_cost) == 1:
             return None
         pending = self._next_tokens.tolist()
         drafts: list[list[int]] = [[] for _ in range(B)]
@@ -318,7 +329,7 @@ class SpeculativeBatch(GenerationBatch):
                 drafts[i] = row.draft(most)
             lengths[i] = len(drafts[i]) if self.drafter is None else most
             rates[i] = row.rate
-        width = choose_width(lengths, rates, self.position_cost)
+        width = choose_width(lengths, rates, cached, self.position_cost)
         for i, row, _ in candidates:
             if width == 1:
                 row.skipped()
@@ -432,15 +443,24 @@ class SpeculativeBatch(GenerationBatch):
         return out
 
     def _cut(self, drop: list[int]) -> None:
-        """Remove each row's last `drop[i]` cache positions (rejected drafts and padding)."""
+        """Remove each row's last `drop[i]` cache positions (rejected drafts and padding).
+
+        The part every row drops is trimmed; rows that drop more are shifted right by the
+        difference (more left padding), moving only the used part of the cache: its
+        preallocated tail can be several times longer (see `CUT_COST`).
+        """
         common = min(drop)
         extra = [d - common for d in drop]
+        shifts = mx.array(extra)[:, None] if any(extra) else None
         for c in self.prompt_cache:
             if common:
                 c.trim(common)
-            if any(extra):
-                c._right_padding = mx.array(extra)
-                c.finalize()
+            if shifts is not None:
+                used = c._idx
+                c.keys[..., :used, :] = dynamic_roll(c.keys[..., :used, :], shifts, axis=2)
+                c.values[..., :used, :] = dynamic_roll(c.values[..., :used, :], shifts, axis=2)
+                c.offset = c.offset - shifts[:, 0]
+                c.left_padding = c.left_padding + shifts[:, 0]
 
 
 def spec_timings(spec: SpecStats | None) -> dict[str, Any]:
