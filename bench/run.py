@@ -56,12 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="'builtin' (default), or a local MLX model directory")
     ap.add_argument("--quick", action="store_true", help="short phases (about a minute)")
     ap.add_argument("--json", metavar="PATH", help="also write every number as JSON here")
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 128")
     ap.add_argument("--phase-seconds", type=float, default=None,
                     help="seconds per contender per concurrency per rep (default 6, quick 3)")
     ap.add_argument("--reps", type=int, default=None,
                     help="alternating repetitions per level (default 4, quick 1)")
-    ap.add_argument("--levels", default=",".join(map(str, LEVELS)),
+    ap.add_argument("--levels", default=None,
                     help="concurrency levels (default 1,8,32; 1 is always run: the "
                          "gRPC-vs-in-process comparison needs it)")
     ap.add_argument("--blas", choices=("auto", "openblas", "bundled"), default="auto",
@@ -76,17 +76,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "MLX dir both servers load); defaults --max-tokens 32 "
                          "--phase-seconds 20 --reps 2 --levels 1,8 (see real_model.py)")
     args = ap.parse_args(argv)
+    # Defaults are None and filled in here, so a value given on the command line always
+    # wins, even one equal to the plain default (e.g. --real --levels 1,8,32).
+    defaults = {"max_tokens": 128, "levels": ",".join(map(str, LEVELS)),
+                "phase_seconds": 3.0 if args.quick else 6.0, "reps": 1 if args.quick else 4}
     if args.real:
         from real_model import REAL_DEFAULTS
 
-        for key, value in REAL_DEFAULTS.items():
-            if getattr(args, key) in (None, ap.get_default(key)):
-                setattr(args, key, value)
+        defaults.update(REAL_DEFAULTS)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.levels = sorted({int(x) for x in args.levels.split(",") if x.strip()} | {1})
-    if args.phase_seconds is None:
-        args.phase_seconds = 3.0 if args.quick else 6.0
-    if args.reps is None:
-        args.reps = 1 if args.quick else 4
     return args
 
 
