@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     machine_busy_seconds,
     machine_facts,
     process_cpu_seconds,
+    process_memory,
 )
 from prompts import make_prompts  # noqa: E402
 from report import markdown, ratio, summarize, window_tokens  # noqa: E402
@@ -316,6 +317,15 @@ def evaluate(result: dict, levels: list[int], per_rep: dict) -> None:
         "measured": f"{d:.1f} % slower (pooled {r['grpc_overhead_pct_aggregate_pooled']:.1f} %)",
         "met": d <= 3.0,
     })
+    mem = result["memory"]
+    extra = mem["lmlink"]["peak_rss_mb"] - mem["mlx_lm.server"]["peak_rss_mb"]
+    r["peak_rss_mb_over_mlx_lm"] = extra
+    targets.append({
+        "target": "RSS ≤ mlx_lm.server's + 150 MB (peak, VmHWM)",
+        "measured": f"{extra:+,.0f} MB ({mem['lmlink']['peak_rss_mb']:,.0f} vs "
+                    f"{mem['mlx_lm.server']['peak_rss_mb']:,.0f} MB)",
+        "met": extra <= 150.0,
+    })
     result["targets"] = targets
 
 
@@ -425,8 +435,13 @@ def main(argv: list[str] | None = None) -> int:
                     describe_failure(s)
             raise
         settings = {name: servers[name].settings for name in SERVERS}
+        # After the last phase, servers still up: resident memory now and its peak
+        # ("lmlink HTTP" is the same process as "lmlink").
+        memory = {name: process_memory(servers[name].pid) for name in ("mlx_lm.server", "lmlink")}
+        memory[INPROC] = process_memory(worker.server.pid)
 
     result = build_result(args, machine, model_path, screened, collected, settings, warnings)
+    result["memory"] = memory
     evaluate(result, args.levels, result["per_rep"])
     result["machine"]["loadavg_at_end"] = os.getloadavg()[0]
     result["elapsed_s"] = time.perf_counter() - t_begin
