@@ -424,7 +424,8 @@ def markdown(result: dict) -> str:
     out.append("")
     ph = result["phases"]
     tokens = "; ".join(f"{n} {_f(ph[n]['together']['prompt_tokens_turn1_mean'])} on turn 1, "
-                       f"{_f(ph[n]['together']['prompt_tokens_later_mean'])} later" for n in SERVERS)
+                       f"{_f(ph[n]['together']['prompt_tokens_later_mean'])} later"
+                       for n in SERVERS)
     reuse = ", ".join(f"{n} {p} {_f(ph[n][p]['later_cached_over_prev_context_median'], 2)}"
                       for n in SERVERS for p in PHASES)
     out.append(f"Prompt tokens (together): {tokens}. Cached tokens of turns ≥2 over the previous "
