@@ -65,6 +65,12 @@ PREAMBLE = (
     "with a one-line summary that starts with DONE.\n\nTools you can call (one per line, "
     "name, then what it does):\n"
 )
+DEFAULTS = {"conversations": 8, "solo": 2, "turns": 3, "max_tokens": 32, "reps": 2}
+# SmolLM2-135M in float32 on 2 CPU cores prefills ~150 tokens/s: one cold 1,500-token system
+# prompt takes ~10 s, and the plain defaults took over 5 minutes for one rep. These keep a
+# --real run (2 alternating reps) near 4 minutes on a quiet machine.
+REAL_DEFAULTS = {"conversations": 4, "solo": 1, "turns": 2, "max_tokens": 16, "reps": 2}
+WARMUP_SYSTEM_TOKENS = 256
 ASKS = (
     "Which of your tools would you call first for this, and with what arguments?",
     "Could {tool} help here? Say how you would use it, briefly.",
@@ -81,14 +87,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="'builtin' (default), or a local MLX model directory")
     ap.add_argument("--real", action="store_true",
                     help="SmolLM2-135M-Instruct (the cached MLX dir of bench/real_model.py)")
-    ap.add_argument("--conversations", type=int, default=8,
-                    help="conversations started together in phase 'together' (default 8)")
-    ap.add_argument("--solo", type=int, default=2,
+    ap.add_argument("--conversations", type=int, default=None,
+                    help="conversations started together in phase 'together' (8; --real 4)")
+    ap.add_argument("--solo", type=int, default=None,
                     help="conversations run one after another in phase 'one at a time', each "
-                         "on its own cold system prompt (default 2)")
-    ap.add_argument("--turns", type=int, default=3, help="user turns per conversation (3)")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=2,
+                         "on its own cold system prompt (2; --real 1)")
+    ap.add_argument("--turns", type=int, default=None,
+                    help="user turns per conversation (3; --real 2)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="(32; --real 16)")
+    ap.add_argument("--reps", type=int, default=None,
                     help="repetitions of both phases; servers alternate going first (2)")
     ap.add_argument("--system-tokens", type=int, default=1500,
                     help="target size of the shared system prompt in tokens (1500)")
@@ -96,6 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--blas-threads", type=int, default=1)
     ap.add_argument("--json", metavar="PATH", help="also write every number as JSON here")
     args = ap.parse_args(argv)
+    # Filled in after parsing, so an explicit value always wins over the --real defaults.
+    for key, value in (REAL_DEFAULTS if args.real else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.turns < 1 or args.conversations < 1 or args.solo < 1 or args.reps < 1:
         ap.error("--conversations, --solo, --turns and --reps must be at least 1")
     return args
@@ -392,7 +403,8 @@ def markdown(result: dict) -> str:
     out.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}; mlx {m['mlx']}, "
                f"mlx-lm {m['mlx_lm']}; BLAS: {m['blas']} (same for both servers).")
     out.append(
-        f"Workload: a shared system prompt of {cfg['system_tokens']} tokens (instructions and "
+        f"Workload: a shared system prompt of {cfg['system_tokens_range'][0]:,}–"
+        f"{cfg['system_tokens_range'][1]:,} tokens by variant (instructions and "
         f"{cfg['tools']} tool descriptions), {cfg['turns']} turns per conversation, each turn "
         f"resending the whole conversation plus a new question (~{cfg['question_tokens']:.0f} "
         f"tokens); max_tokens {cfg['max_tokens']}, greedy; {cfg['reps']} rep(s), servers "
@@ -468,12 +480,14 @@ def plan(args: argparse.Namespace, count: Callable[[str], int]) -> dict:
     variant = iter(range(10_000))
     prompts: dict[int, str] = {}
 
-    def system() -> str:
+    def system(tokens: int = args.system_tokens) -> str:
         v = next(variant)
-        prompts[v] = system_prompt(count, args.system_tokens, v)
+        prompts[v] = system_prompt(count, tokens, v)
         return prompts[v]
 
-    warm = (system(), next(rows))
+    # A short system prompt for the warm-up: it runs every code path (prefill, cache reuse
+    # on turn 2, decode) without a full cold prefill (~10 s per server on the real model).
+    warm = (system(min(WARMUP_SYSTEM_TOKENS, args.system_tokens)), next(rows))
     reps = []
     for _ in range(args.reps):
         shared = system()
@@ -531,7 +545,7 @@ def build_result(args: argparse.Namespace, machine: dict, work: dict, runs: dict
             if s["retries"]:
                 warnings.append(f"{name}, {phase}: {s['retries']} connection resets retried "
                                 "(TTFT includes the retry)")
-    sizes = [count(p) for p in work["prompts"].values()]
+    sizes = [count(p) for v, p in work["prompts"].items() if v > 0]  # 0: the warm-up's
     questions = [q for rep in work["reps"] for chats in rep.values() for _, qs in chats
                  for q in qs]
     records = {n: {p: [{k: v for k, v in r.items() if k != "text"} | {"chars": len(r["text"])}
@@ -542,7 +556,7 @@ def build_result(args: argparse.Namespace, machine: dict, work: dict, runs: dict
         "config": {
             "model": args.model, "conversations": args.conversations, "solo": args.solo,
             "turns": args.turns, "max_tokens": args.max_tokens, "reps": args.reps,
-            "system_tokens_target": args.system_tokens, "system_tokens": sizes[1],
+            "system_tokens_target": args.system_tokens, "system_tokens": sizes[0],
             "system_tokens_range": [min(sizes), max(sizes)],
             "tools": sum(ln.startswith("- ") for ln in work["prompts"][1].splitlines()),
             "question_tokens": sum(map(count, questions)) / max(1, len(questions)),
