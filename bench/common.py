@@ -86,6 +86,23 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def process_memory(pid: int) -> dict[str, float]:
+    """Resident memory of a process in MB (10^6 bytes) from /proc/PID/status: `rss_mb` now
+    (VmRSS) and `peak_rss_mb` (VmHWM, the high-water mark since it started: model load,
+    prefill buffers and caches included). nan when the process is gone or there is no /proc.
+    """
+    found = {"VmRSS": float("nan"), "VmHWM": float("nan")}
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in found:  # "VmRSS:\t  123456 kB"
+            found[key] = int(value.split()[0]) * 1024 / 1e6
+    return {"rss_mb": found["VmRSS"], "peak_rss_mb": found["VmHWM"]}
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
     try:

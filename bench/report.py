@@ -126,6 +126,14 @@ def markdown(result: dict) -> str:
                 f"| {_f(s['decode_tps_p50'])} | {_f(s['aggregate_tps'])} "
                 f"| {_f(s['server_cores'], 2)} | {_f(s['client_cores'], 2)} |"
             )
+    if result.get("memory"):
+        lines.append("")
+        lines.append("| process (after the last phase) | RSS now (VmRSS) MB "
+                     "| peak RSS (VmHWM) MB |")
+        lines.append("|---|---:|---:|")
+        for name, mem in result["memory"].items():
+            label = "lmlink (gRPC and HTTP)" if name == "lmlink" else name
+            lines.append(f"| {label} | {_f(mem['rss_mb'])} | {_f(mem['peak_rss_mb'])} |")
     lines.append("")
     lines.append("gRPC stream vs the engine in-process, 1 stream (same prompts, max_tokens, "
                  "greedy; the in-process runs alternate with the server runs):")

@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     machine_busy_seconds,
     machine_facts,
     process_cpu_seconds,
+    process_memory,
 )
 from prompts import make_prompts  # noqa: E402
 from report import markdown, ratio, summarize, window_tokens  # noqa: E402
@@ -56,12 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="'builtin' (default), or a local MLX model directory")
     ap.add_argument("--quick", action="store_true", help="short phases (about a minute)")
     ap.add_argument("--json", metavar="PATH", help="also write every number as JSON here")
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 128")
     ap.add_argument("--phase-seconds", type=float, default=None,
                     help="seconds per contender per concurrency per rep (default 6, quick 3)")
     ap.add_argument("--reps", type=int, default=None,
                     help="alternating repetitions per level (default 4, quick 1)")
-    ap.add_argument("--levels", default=",".join(map(str, LEVELS)),
+    ap.add_argument("--levels", default=None,
                     help="concurrency levels (default 1,8,32; 1 is always run: the "
                          "gRPC-vs-in-process comparison needs it)")
     ap.add_argument("--blas", choices=("auto", "openblas", "bundled"), default="auto",
@@ -76,17 +77,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "MLX dir both servers load); defaults --max-tokens 32 "
                          "--phase-seconds 20 --reps 2 --levels 1,8 (see real_model.py)")
     args = ap.parse_args(argv)
+    # Defaults are None and filled in here, so a value given on the command line always
+    # wins, even one equal to the plain default (e.g. --real --levels 1,8,32).
+    defaults = {"max_tokens": 128, "levels": ",".join(map(str, LEVELS)),
+                "phase_seconds": 3.0 if args.quick else 6.0, "reps": 1 if args.quick else 4}
     if args.real:
         from real_model import REAL_DEFAULTS
 
-        for key, value in REAL_DEFAULTS.items():
-            if getattr(args, key) in (None, ap.get_default(key)):
-                setattr(args, key, value)
+        defaults.update(REAL_DEFAULTS)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.levels = sorted({int(x) for x in args.levels.split(",") if x.strip()} | {1})
-    if args.phase_seconds is None:
-        args.phase_seconds = 3.0 if args.quick else 6.0
-    if args.reps is None:
-        args.reps = 1 if args.quick else 4
     return args
 
 
@@ -315,6 +317,15 @@ def evaluate(result: dict, levels: list[int], per_rep: dict) -> None:
         "measured": f"{d:.1f} % slower (pooled {r['grpc_overhead_pct_aggregate_pooled']:.1f} %)",
         "met": d <= 3.0,
     })
+    mem = result["memory"]
+    extra = mem["lmlink"]["peak_rss_mb"] - mem["mlx_lm.server"]["peak_rss_mb"]
+    r["peak_rss_mb_over_mlx_lm"] = extra
+    targets.append({
+        "target": "RSS ≤ mlx_lm.server's + 150 MB (peak, VmHWM)",
+        "measured": f"{extra:+,.0f} MB ({mem['lmlink']['peak_rss_mb']:,.0f} vs "
+                    f"{mem['mlx_lm.server']['peak_rss_mb']:,.0f} MB)",
+        "met": extra <= 150.0,
+    })
     result["targets"] = targets
 
 
@@ -424,8 +435,13 @@ def main(argv: list[str] | None = None) -> int:
                     describe_failure(s)
             raise
         settings = {name: servers[name].settings for name in SERVERS}
+        # After the last phase, servers still up: resident memory now and its peak
+        # ("lmlink HTTP" is the same process as "lmlink").
+        memory = {name: process_memory(servers[name].pid) for name in ("mlx_lm.server", "lmlink")}
+        memory[INPROC] = process_memory(worker.server.pid)
 
     result = build_result(args, machine, model_path, screened, collected, settings, warnings)
+    result["memory"] = memory
     evaluate(result, args.levels, result["per_rep"])
     result["machine"]["loadavg_at_end"] = os.getloadavg()[0]
     result["elapsed_s"] = time.perf_counter() - t_begin
