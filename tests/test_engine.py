@@ -295,3 +295,46 @@ def test_concurrent_requests_share_a_long_prefix(loaded_model):
     prompt_tokens = completed(results[0]).prompt_tokens
     assert cached[0] == 0  # the first computes the shared prefix...
     assert all(c >= prompt_tokens - 20 for c in cached[1:]), cached  # ...the others reuse it
+
+
+def test_a_mostly_cached_prompt_is_not_copied_into_the_cache_while_it_runs(loaded_model):
+    """Followers whose long prompt came from the prompt cache add no entry of their own while
+    they decode (each would be a full copy of the shared prefix); the leader's prompt, which
+    it computed itself, is shared as soon as it is prefilled."""
+    from lmlink.engine.engine import Engine
+
+    system = "You are a careful assistant who answers about rivers and mills. " * 40
+
+    def request(q: str, n: int) -> GenerationRequest:
+        return GenerationRequest("", messages=(ChatTurn("system", system), ChatTurn("user", q)),
+                                 sampling=SamplingOptions(max_tokens=n, ignore_eos=True))
+
+    class Sink(CollectingSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoding = threading.Event()
+
+        def deliver(self, events) -> None:  # noqa: ANN001
+            super().deliver(events)
+            if any(isinstance(e, TokenDelta) for e in events):
+                self.decoding.set()
+
+    eng = Engine(loaded_model)
+    eng.start()
+    try:
+        leader = Sink()
+        eng.submit(request("Where does the first river run?", 400), leader)
+        assert leader.decoding.wait(60)
+        assert eng.stats().prompt_cache_entries == 1  # its prompt, while it still runs
+        followers = [Sink() for _ in range(3)]
+        for i, s in enumerate(followers):
+            eng.submit(request(f"Where does river {i} run?", 400), s)
+        assert all(s.decoding.wait(60) for s in followers)
+        stats = eng.stats()
+        assert stats.active == 4
+        assert stats.prompt_cache_entries == 1, stats
+        assert stats.prompt_cache_bytes > 0
+        results = [s.wait() for s in (leader, *followers)]
+    finally:
+        eng.stop()
+    assert all(completed(r).cached_tokens > 600 for r in results[1:])

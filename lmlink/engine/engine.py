@@ -91,6 +91,8 @@ class EngineStats:
     max_batch_size: int
     draft_tokens: int = 0  # speculative decoding since start: drafts verified, drafts kept
     accepted_draft_tokens: int = 0
+    prompt_cache_entries: int = 0  # KV caches kept for reuse, and the memory they hold
+    prompt_cache_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -271,6 +273,9 @@ class Engine:
             max_batch_size=self.config.max_batch_size,
             draft_tokens=self._drafted,
             accepted_draft_tokens=self._accepted,
+            # Read without the worker's cooperation: two counters, at worst one step stale.
+            prompt_cache_entries=len(self._prompt_cache),
+            prompt_cache_bytes=self._prompt_cache.nbytes,
         )
 
     @property
@@ -517,7 +522,10 @@ class Engine:
         ):
             state.spec = self._spec_batch.enable(uid)
         state.uid = uid
-        state.prefilling = self._can_speculate and worth_caching(prompt)
+        # Only a prompt that computes a long part of its own is shared while it runs: one
+        # that came mostly from the prompt cache adds little to it, and each copy costs
+        # memory (~75 MB for 1,600 tokens of SmolLM2 in float32).
+        state.prefilling = self._can_speculate and worth_caching(rest)
         state.admitted = time.perf_counter()
         state.cached_tokens = cached
         self._by_uid[uid] = state

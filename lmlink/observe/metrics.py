@@ -114,6 +114,7 @@ class _StatusCollector:
         queued = GaugeMetricFamily("lmlink_queue_depth", "Calls waiting for a batch slot.", labels=["model"])
         batch = GaugeMetricFamily("lmlink_batch_capacity", "Largest decode batch.", labels=["model"])
         tps = GaugeMetricFamily("lmlink_tokens_per_second", "Recent decode rate.", labels=["model"])
+        cache = GaugeMetricFamily("lmlink_prompt_cache_bytes", "Memory the reusable prompt caches hold.", labels=["model"])
         for m in snap.get("models", []):
             name = m["name"]
             state.add_metric([name, m.get("state", "unknown")], 1)
@@ -122,7 +123,8 @@ class _StatusCollector:
             queued.add_metric([name], float(m.get("queued", 0)))
             batch.add_metric([name], float(m.get("max_batch", 0)))
             tps.add_metric([name], float(m.get("tokens_per_second", 0.0)))
-        yield from (state, memory, active, queued, batch, tps)
+            cache.add_metric([name], float(m.get("prompt_cache_bytes", 0)))
+        yield from (state, memory, active, queued, batch, tps, cache)
         ranks = GaugeMetricFamily("lmlink_cluster_rank_up", "1 if the cluster rank is healthy.", labels=["rank", "host"])
         for rank in (snap.get("cluster") or {}).get("ranks", []):
             ranks.add_metric([str(rank["rank"]), rank.get("host", "")], 1.0 if rank.get("state") == "ok" else 0.0)

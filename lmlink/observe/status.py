@@ -20,13 +20,15 @@ def server_status(core: Any, telemetry: Telemetry, *, name: str = "", draining: 
         engine = entry.engine
         row: dict[str, Any] = {"name": entry.id, "state": entry.state, "source": entry.spec,
                                "memory_bytes": entry.memory_bytes, "active": 0, "queued": 0,
-                               "max_batch": 0, "tokens_per_second": 0.0}
+                               "max_batch": 0, "tokens_per_second": 0.0,
+                               "prompt_cache_bytes": 0}
         if engine is not None:
             stats = engine.stats()
             waiting = guard_slots.get(id(engine), {}).get("queued", 0)
             row.update(active=stats.active, queued=stats.queued + waiting,
                        max_batch=stats.max_batch_size,
-                       tokens_per_second=round(stats.recent_tokens_per_second, 2))
+                       tokens_per_second=round(stats.recent_tokens_per_second, 2),
+                       prompt_cache_bytes=stats.prompt_cache_bytes)
         models.append(row)
     telemetry.sample_generated(sum(e.stats().generated_tokens for e in core.models.engines()))
     snap = telemetry.snapshot()
