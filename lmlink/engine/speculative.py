@@ -17,7 +17,7 @@ decoding produces. Rejected positions are removed from the KV cache per row (tri
 common part, right-align the rest as left padding, the way mlx-lm finalizes right-padded
 prompts).
 
-Cluster lockstep: drafts, adaptive k and acceptance are computed from the batch's own token
+Cluster lockstep: drafts, verify widths and acceptance estimates are computed from the batch's own token
 history, which every rank holds identically, so ranks take the same decisions without any
 extra message.
 
@@ -318,7 +318,8 @@ class SpeculativeBatch(GenerationBatch):
             lengths[i], rates[i] = most, max(row.rates)
         # Even full-length drafts would not pay: skip before waiting for the pending tokens
         # (reading them ends mlx-lm's overlap of this step's Python with the last compute).
-        cached = self.prompt_cache[0]._idx if self.prompt_cache else 0
+        # From the token history, which every rank of a cluster holds identically.
+        cached = max((len(t) for t in self.tokens), default=0)
         if choose_width(lengths, rates, cached, self.position_cost) == 1:
             return None
         pending = self._next_tokens.tolist()
