@@ -85,10 +85,15 @@ def test_repeating_input_accepts_drafts(spec_engine):
 
 
 @pytest.mark.parametrize("streams", [2, 4, 6])
-def test_concurrent_streams_identical(spec_engine, streams):
+def test_concurrent_streams_identical(spec_engine, streams, monkeypatch):
     """A mixed batch (speculating and not, greedy and seeded, chat) gives every stream the
-    tokens it gets alone without speculation. (Drafts per stream shrink as the batch grows;
-    with 5+ streams none are verified until streams finish.)"""
+    tokens it gets alone without speculation. Re-aligning rows is made free here so that the
+    cost model verifies drafts in the mixed batch whatever this machine's speed (with its
+    measured cost, a batch of this toy chat verifies little: the outcome would then depend
+    on acceptance estimates, not on what this test checks)."""
+    import lmlink.engine.speculative as speculative
+
+    monkeypatch.setattr(speculative, "CUT_COST", 0.0)
     order = [2, 3, 0, 4, 1, 2]
     requests = []
     for i in range(streams):
@@ -97,8 +102,7 @@ def test_concurrent_streams_identical(spec_engine, streams):
     solo = [token_ids(run_all(spec_engine, [req(p, False, chat=True, **s)])[0]) for p, _, s in requests]
     together = run_all(spec_engine, [req(p, spec, chat=True, **s) for p, spec, s in requests])
     assert [token_ids(e) for e in together] == solo
-    if streams <= 4:  # (above 4, drafts only while the batch is still filling or emptying)
-        assert any(completed(e).accepted_draft_tokens for e in together)
+    assert any(completed(e).accepted_draft_tokens for e in together)
 
 
 def test_stops_and_max_tokens_inside_an_accepted_run(spec_engine):
@@ -155,7 +159,9 @@ def test_real_server_reports_speculation_and_override(server):
 def test_cluster_speculates_in_lockstep(spec_engine):
     """A 2-rank MPI cluster (pipeline) with speculation on: ranks draft and verify from the
     same token history, so they stay in lockstep; tokens equal the single-process engine's
-    without speculation, for greedy and seeded streams running together. Two requests sharing
+    without speculation, for greedy and seeded streams running together (where the cost model
+    decides whether a batch verifies) and one at a time (where a lone stream that copies
+    always verifies, so drafts must be accepted). Two requests sharing
     a long prefix: the second waits for the first's prefill and starts from its cache, on
     every rank alike (a rank that disagreed would stop the cluster)."""
     import asyncio
@@ -182,7 +188,9 @@ def test_cluster_speculates_in_lockstep(spec_engine):
     try:
         got = asyncio.run(together(c.address, cases))
         assert [g.token_ids for g in got] == expected
-        assert sum(g.completed.timings.accepted_draft_tokens for g in got) > 0
+        alone = [asyncio.run(together(c.address, [case]))[0] for case in cases]
+        assert [g.token_ids for g in alone] == expected
+        assert sum(g.completed.timings.accepted_draft_tokens for g in alone) > 0
         again = asyncio.run(together(c.address, cases))  # with prompt-cache hits on every rank
         assert [g.token_ids for g in again] == expected
         got = asyncio.run(together(c.address, pair))
