@@ -338,3 +338,37 @@ def test_a_mostly_cached_prompt_is_not_copied_into_the_cache_while_it_runs(loade
     finally:
         eng.stop()
     assert all(completed(r).cached_tokens > 600 for r in results[1:])
+
+
+def test_cached_prompts_hold_only_their_own_memory(loaded_model):
+    """A finished request's cache, kept for reuse, is its own compact copy: the arrays alive
+    afterwards are the prompt caches and nothing else (a lazy copy would keep the batch's
+    whole key/value buffers alive with it)."""
+    import gc
+
+    import mlx.core as mx
+
+    from lmlink.engine.engine import Engine
+
+    system = "You are a careful assistant who answers about rivers and mills. " * 30
+    gc.collect()
+    before = mx.get_active_memory()
+    eng = Engine(loaded_model)
+    eng.start()
+    try:
+        sinks = []
+        for i in range(4):
+            s = CollectingSink()
+            eng.submit(GenerationRequest("", messages=(ChatTurn("system", f"{i} {system}"),
+                                                       ChatTurn("user", f"River {i}?")),
+                                         sampling=SamplingOptions(max_tokens=24)), s)
+            sinks.append(s)
+        for s in sinks:
+            s.wait()
+        stats = eng.stats()
+        gc.collect()
+        grown = mx.get_active_memory() - before
+    finally:
+        eng.stop()
+    assert stats.prompt_cache_entries >= 4
+    assert grown <= stats.prompt_cache_bytes * 1.1 + (1 << 20), (grown, stats.prompt_cache_bytes)

@@ -25,6 +25,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from .constrained import warm_up
 from .loader import LoadedModel
 from .logprobs import token_logprob
+from .memory import return_freed_memory
 from .lockstep import Admit, LocalBroadcaster, LockstepError, Remove, StepCommands
 from .prefix import shared_with, worth_caching
 from .prompts import encode_prompt
@@ -144,6 +145,7 @@ class Engine:
     ) -> None:
         self.loaded = loaded
         self.config = config or EngineConfig()
+        return_freed_memory()
         self.lockstep = lockstep if lockstep is not None else LocalBroadcaster()
         self.cluster: Any = None  # cluster facts (ranks, hosts, backend) for status, if any
         self._tokenizer = loaded.tokenizer
@@ -563,7 +565,6 @@ class Engine:
                 state.prefilling = False
                 cache, tokens = generator.extract_cache([r.uid]).get(r.uid, (None, None))
                 if tokens is not None and len(tokens) == len(state.prompt):
-                    mx.eval([c.state for c in cache])  # a copy: the batch moves on
                     self._remember_cache(tokens, cache)
             processed, total = r.progress
             # One-chunk prompts finish before a progress report would be useful.
@@ -654,6 +655,10 @@ class Engine:
 
     def _remember_cache(self, tokens: list[int] | None, cache: Any) -> None:
         if tokens and cache is not None:
+            # A cache extracted from the batch is a lazy copy that keeps the whole batch's
+            # keys and values alive until it is computed: compute it now, or every entry pins
+            # a batch-sized buffer (measured: +530 MB per four 1,600-token chats of SmolLM2).
+            mx.eval([c.state for c in cache])
             self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)
 
     def _finish(self, state: _Request, reason: FinishReason) -> None:

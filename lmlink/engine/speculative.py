@@ -44,7 +44,7 @@ NGRAM_MAX = 4  # longest suffix looked up (longer matches are tried first)
 # next match is looked for within NEAR tokens of where that copy left off before falling back
 # to the latest occurrence (which, for a 1-token suffix, is usually an unrelated one).
 NEAR = 8
-K_MAX = 7  # drafts per stream per step
+K_MAX = 9  # drafts per stream per step
 # The cost of one more position in a forward pass, relative to the pass itself. Decode reads
 # every weight once per pass, whatever the number of positions, and then spends a little
 # compute per position: on SmolLM2-135M (2-core EPYC, OpenBLAS 1 thread) a one-position pass
@@ -303,6 +303,10 @@ class SpeculativeBatch(GenerationBatch):
     def _plan(self) -> tuple[list[int], list[list[int]]] | None:
         """Each row's pending token and drafts, or None when verifying would not pay."""
         if not all(isinstance(c, BatchKVCache) for c in self.prompt_cache):
+            return None
+        # A stream's first token is already known when it joins: a plain step hands it out
+        # at once (computing the next one meanwhile) where a verify pass would hold it back.
+        if 0 in self._num_tokens:
             return None
         candidates: list[tuple[int, _Row, int]] = []  # (batch index, row, most drafts)
         for i, uid in enumerate(self.uids):
