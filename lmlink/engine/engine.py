@@ -145,7 +145,6 @@ class Engine:
     ) -> None:
         self.loaded = loaded
         self.config = config or EngineConfig()
-        return_freed_memory()
         self.lockstep = lockstep if lockstep is not None else LocalBroadcaster()
         self.cluster: Any = None  # cluster facts (ranks, hosts, backend) for status, if any
         self._tokenizer = loaded.tokenizer
@@ -164,6 +163,7 @@ class Engine:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmlink-engine", daemon=True)
         self._step_listeners: list[Callable[[], None]] = []
+        self._trim_due = False  # work was done since memory was last handed back
         # Ranks hold different shards, so a byte limit would evict differently on each rank;
         # in a cluster the cache is bounded by entry count alone (the same on every rank).
         self._prompt_cache = LRUPromptCache(
@@ -338,11 +338,11 @@ class Engine:
         distributed = self.lockstep.distributed
         try:
             while True:
+                if self._trim_due and not self._has_work():
+                    self._trim_due = False
+                    return_freed_memory()  # idle now: hand freed cache memory back
                 with self._lock:
-                    while not (
-                        self._stopping or self._incoming or self._cancels or self._live
-                        or self._deferred
-                    ):
+                    while not self._has_work():
                         self._wake.wait()
                     if self._stopping:
                         break
@@ -382,6 +382,11 @@ class Engine:
             # without an active exception").
             with contextlib.suppress(Exception):
                 mx.synchronize()
+
+    def _has_work(self) -> bool:
+        return bool(
+            self._stopping or self._incoming or self._cancels or self._live or self._deferred
+        )
 
     def _admit_now(self, waiting: int) -> bool:
         """Whether to admit the waiting requests this step (lock held).
@@ -466,6 +471,7 @@ class Engine:
                 self._fail_request(state, exc)
             touched[id(state)] = state
         if self._live:
+            self._trim_due = True
             prompt_responses, generation_responses = generator.next()
             self._on_prompt_progress(generator, prompt_responses, touched)
             self._on_tokens(generator, generation_responses, touched)
