@@ -90,6 +90,7 @@ class ServeOptions:
         if http_port is None:  # not given: 47471, or any free port when gRPC takes any
             http_port = 0 if grpc_port == 0 else DEFAULT_HTTP_PORT
         state_dir = get("state_dir")
+        cost = get("verify_position_cost")
         options = cls(
             model=get("model") or "builtin",
             listen=get("listen", "local"),
@@ -102,6 +103,8 @@ class ServeOptions:
                 default_max_tokens=max(1, get("default_max_tokens", 512)),
                 speculate=get("speculate") or "prompt-lookup",
                 draft_model=get("draft_model"),
+                verify_position_cost=(EngineConfig.verify_position_cost if cost is None
+                                      else cost),
             ),
             stream_pace_ms=get("stream_pace_ms", 10.0),
             resume=ResumeOptions(

@@ -173,9 +173,11 @@ def test_cluster_ranks_get_the_same_serve_options():
 
     args = argparse.Namespace(model="builtin", listen="local", grpc_port=0, http_port=None,
                               state_dir="/tmp/somewhere", max_batch=3, max_queue=7,
-                              default_max_tokens=9, name="studio", no_mdns=True)
+                              default_max_tokens=9, name="studio", no_mdns=True,
+                              verify_position_cost=0.5)
     options = ServeOptions.from_args(args)
     assert options.http_port == 0 and options.engine.max_batch_size == 3 and not options.mdns
+    assert options.engine.verify_position_cost == 0.5
     assert decode_serve_options(encode_serve_options(options)[0]) == options
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from lmlink.engine.engine import Engine, EngineConfig
-from lmlink.engine.speculative import _Row, SpecStats
+from lmlink.engine.speculative import _Row, SpecStats, choose_width
 from lmlink.engine.types import ChatTurn, Completed, GenerationRequest, SamplingOptions
 from support.collect import CollectingSink, completed, token_ids
 
@@ -136,6 +136,45 @@ def test_prompt_lookup_drafts_what_followed_the_suffix():
     assert row.draft(10) == [9, 1, 2, 5, 6, 7, 8]
     row.sync([1, 2, 3], 4)
     assert row.draft(3) == []
+
+
+def test_prompt_lookup_goes_on_copying_after_an_inserted_token():
+    """An edit that inserts one token (a comma) and goes on copying: the text before the
+    inserted token is matched, and what followed it in the source is drafted."""
+    row = _Row(SpecStats())
+    source = [11, 12, 13, 14, 15, 16, 17, 18]
+    row.sync(source + [11, 12, 13], 99)  # copied 11 12 13, then inserted 99
+    assert row.draft(3) == [14, 15, 16]
+
+
+def test_prompt_lookup_prefers_the_occurrence_where_the_copy_left_off():
+    """The suffix 9 1 2 occurs three times in the source; a copy that left off near the
+    second continues from the second (50), not from the latest (70)."""
+    source = [9, 1, 2, 30, 5, 9, 1, 2, 50, 6, 9, 1, 2, 70]
+    row = _Row(SpecStats())
+    row.sync(source + [9, 1], 2)
+    assert row.draft(1) == [70]  # no copy yet: the latest occurrence
+    row = _Row(SpecStats())
+    row.sync(source + [5], 9)
+    assert row.draft(3) == [1, 2, 50]  # copying from position 5
+    row.record(3, 1)  # the model took 1 and then wrote 9 1 2 again
+    row.sync(source + [5, 9, 1, 9, 1], 2)
+    assert row.draft(1) == [50]
+
+
+def test_width_follows_the_cost_of_a_pass_and_the_acceptance_so_far():
+    # A lone stream verifies its whole draft while drafts pay, none when they do not.
+    assert choose_width([6], [0.6]) == 7
+    assert choose_width([6], [0.05]) == 1
+    assert choose_width([0], [0.9]) == 1
+    # A full batch of ordinary chat does not verify; a batch that copies does, unless its
+    # caches are long (re-aligning rows then costs more than the drafts bring).
+    assert choose_width([3] * 8, [0.4] * 8, cached=80) == 1
+    assert choose_width([3] * 4, [0.95] * 4, cached=40) > 1
+    assert choose_width([3] * 4, [0.95] * 4, cached=5000) == 1
+    # Free positions: always the widest draft; dear ones: never.
+    assert choose_width([2, 5], [0.3, 0.3], cost=0.0) == 6
+    assert choose_width([2, 5], [0.99, 0.99], cost=10.0) == 1
 
 
 def test_real_server_reports_speculation_and_override(server):

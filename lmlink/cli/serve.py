@@ -68,6 +68,11 @@ def add_serving_flags(p: argparse.ArgumentParser) -> None:
         "answers); 'draft-model' drafts with --draft-model (single process only); a request "
         "can override it (default: prompt-lookup)")
     p.add_argument(
+        "--verify-position-cost", type=non_negative, default=None, metavar="F",
+        help="speculation: what one more position costs in a decode pass, relative to the pass; "
+        "decides how many draft tokens are worth verifying (default: 0.03, measured for a dense "
+        "model on a CPU; higher for mixture-of-experts models, lower on GPUs)")
+    p.add_argument(
         "--drain-timeout", type=non_negative, default=30.0, metavar="S",
         help="on SIGTERM or Ctrl-C: stop admitting, let running streams finish for up to S "
         "seconds, then end them with UNAVAILABLE; a second signal ends them at once (default: 30)")

@@ -31,6 +31,7 @@ from .prefix import shared_with, worth_caching
 from .prompts import encode_prompt
 from .sampling import make_processors, make_sampler, vocab_size
 from .speculative import (
+    POSITION_COST,
     DraftModel,
     SpecStats,
     load_draft_model,
@@ -81,6 +82,10 @@ class EngineConfig:
     # (SamplingOptions.speculate).
     speculate: str = "prompt-lookup"
     draft_model: str | None = None
+    # What one more position costs in a decode pass, relative to the pass: decides how many
+    # draft tokens are worth verifying (see speculative.POSITION_COST; measured for a dense
+    # model on a CPU; a mixture-of-experts model pays more per position, a GPU less).
+    verify_position_cost: float = POSITION_COST
 
 
 @dataclass(frozen=True)
@@ -327,7 +332,7 @@ class Engine:
         if self._can_speculate:
             drafter = DraftModel(self._draft_model) if self._draft_model is not None else None
             self._spec_batch = SpeculativeBatch.create(
-                self.loaded.model, generator.sampler, drafter
+                self.loaded.model, generator.sampler, drafter, self.config.verify_position_cost
             )
             generator._generation_batch = self._spec_batch
         return generator
