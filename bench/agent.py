@@ -35,12 +35,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import REPO, eprint, machine_facts, median, percentile, process_memory  # noqa: E402
+from loadgen import SseTarget  # noqa: E402
 from prompts import make_prompts  # noqa: E402
 from run import CACHE_ENTRIES, MAX_BATCH, PREFILL_BATCH, PREFILL_STEP  # noqa: E402
 from run import resolve_model, server_env  # noqa: E402
@@ -174,80 +174,21 @@ def question_sets(rows: int, per_row: int, seed: int) -> list[list[str]]:
 # ---------------------------------------------------------------- the client
 
 
-class ChatTarget:
-    """`/v1/chat/completions` with `stream: true` (SSE) via httpx, the same for both servers.
-
-    mlx_lm.server counts the end-of-sequence token in `usage.completion_tokens`, lmlink does
-    not (`counts_eos`); the recorded count is generated tokens without it.
-    """
-
-    ATTEMPTS = 4
+class ChatTarget(SseTarget):
+    """`/v1/chat/completions` with `stream: true` (SSE) via httpx, the same for both servers."""
 
     def __init__(self, name: str, base_url: str, counts_eos: bool) -> None:
-        self.name, self.counts_eos = name, counts_eos
-        self.url = base_url + "/v1/chat/completions"
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits)
+        super().__init__(name, base_url, "/v1/chat/completions", counts_eos,
+                         connections=64, timeout=600.0)
 
     async def request(self, messages: list[dict], max_tokens: int) -> dict:
         rec = {"t_send": time.perf_counter(), "t_first": None, "t_last": None, "t_done": None,
                "text": "", "tokens": 0, "reported_tokens": 0, "prompt_tokens": 0,
                "cached_tokens": None, "finish": None, "error": None, "retries": 0,
-               "messages": len(messages)}
+               "messages": 0, "turn_messages": len(messages)}
         body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
                 "stream": True, "stream_options": {"include_usage": True}}
-        for attempt in range(self.ATTEMPTS):
-            try:
-                await self._stream(body, rec)
-                break
-            except httpx.TransportError as exc:
-                # mlx_lm.server listens with socketserver's backlog of 5: connects in a burst
-                # can be reset before any byte is answered. Retry those; the time lost stays
-                # in this request's TTFT.
-                if rec["t_first"] is not None or attempt == self.ATTEMPTS - 1:
-                    rec["error"] = f"{type(exc).__name__}: {exc}"
-                    break
-                rec["retries"] += 1
-                await asyncio.sleep(0.02 * (attempt + 1))
-            except Exception as exc:  # noqa: BLE001 - recorded; the run decides what to do
-                rec["error"] = f"{type(exc).__name__}: {exc}"
-                break
-        n = rec["reported_tokens"]
-        rec["tokens"] = n - (1 if self.counts_eos and rec["finish"] == "stop" and n else 0)
-        rec["t_done"] = time.perf_counter()
-        return rec
-
-    async def _stream(self, body: dict, rec: dict) -> None:
-        async with self.http.stream("POST", self.url, json=body) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators and ": keepalive" comments
-                now = time.perf_counter()
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                obj = json.loads(data)
-                usage = obj.get("usage")
-                if usage:
-                    rec["reported_tokens"] = usage.get("completion_tokens") or 0
-                    rec["prompt_tokens"] = usage.get("prompt_tokens") or 0
-                    details = usage.get("prompt_tokens_details")
-                    if details and details.get("cached_tokens") is not None:
-                        rec["cached_tokens"] = details["cached_tokens"]
-                for choice in obj.get("choices") or ():
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        rec["text"] += content
-                        if rec["t_first"] is None:
-                            rec["t_first"] = now
-                        rec["t_last"] = now
-                    if choice.get("finish_reason"):
-                        rec["finish"] = choice["finish_reason"]
-
-    async def close(self) -> None:
-        await self.http.aclose()
+        return await self.send(body, rec)
 
 
 async def conversation(target: ChatTarget, system: str, questions: list[str],

@@ -68,45 +68,44 @@ class LmlinkTarget:
         await self.client.close()
 
 
-class MlxLmTarget:
-    """mlx_lm.server's OpenAI-style /v1/completions with `stream: true` (SSE), via httpx.
+class SseTarget:
+    """An OpenAI-style streaming endpoint (`stream: true`, SSE) via httpx, for any server.
 
-    Each `data:` line is parsed as it arrives. mlx_lm.server sends one event per token whose
-    text is non-empty, and counts the end-of-sequence token in `usage.completion_tokens`;
-    the count recorded here is generated tokens without it, as lmlink counts them.
+    Each `data:` line is parsed as it arrives. Connection resets before any answer byte are
+    retried: mlx_lm.server listens with socketserver's default backlog of 5, so a burst of
+    connects can be reset (as OpenAI clients do; the time lost stays in that request's TTFT).
+    mlx_lm.server counts the end-of-sequence token in `usage.completion_tokens`, lmlink does
+    not (`counts_eos`): the count recorded is generated tokens without it.
     """
 
-    name = "mlx_lm.server"
     ATTEMPTS = 4
 
-    def __init__(self, base_url: str) -> None:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        self.url = base_url + "/v1/completions"
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits)
+    def __init__(self, name: str, base_url: str, path: str, counts_eos: bool,
+                 connections: int = 256, timeout: float = 300.0) -> None:
+        self.name, self.counts_eos = name, counts_eos
+        self.url = base_url + path
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits)
 
-    async def request(self, prompt: str, max_tokens: int) -> dict:
-        rec = _record(time.perf_counter())
-        rec["retries"] = 0
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                "stream": True, "stream_options": {"include_usage": True}}
+    async def send(self, body: dict, rec: dict) -> dict:
+        """Stream one request into `rec` (see `_record`); retries resets before any answer."""
+        rec.setdefault("retries", 0)
         for attempt in range(self.ATTEMPTS):
             try:
                 await self._stream(body, rec)
                 break
             except httpx.TransportError as exc:
-                # mlx_lm.server listens with socketserver's default backlog of 5: a burst of
-                # connects can be reset before any byte is answered. Retry those (as OpenAI
-                # clients do); the time lost stays in this request's TTFT.
                 if rec["messages"] or attempt == self.ATTEMPTS - 1:
                     rec["error"] = f"{type(exc).__name__}: {exc}"
                     break
                 rec["retries"] += 1
                 await asyncio.sleep(0.02 * (attempt + 1))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - recorded; the run decides what to do
                 rec["error"] = f"{type(exc).__name__}: {exc}"
                 break
         reported = rec.get("reported_tokens", 0)
-        rec["tokens"] = reported - (1 if rec["finish"] == "stop" and reported else 0)
+        eos = self.counts_eos and rec["finish"] == "stop" and reported
+        rec["tokens"] = reported - (1 if eos else 0)
         rec["t_done"] = time.perf_counter()
         return rec
 
@@ -125,12 +124,17 @@ class MlxLmTarget:
                 obj = json.loads(data)
                 usage = obj.get("usage")
                 if usage:
-                    rec["reported_tokens"] = usage.get("completion_tokens", 0)
-                    rec["prompt_tokens"] = usage.get("prompt_tokens", 0)
-                    rec["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get(
-                        "cached_tokens", 0)
+                    rec["reported_tokens"] = usage.get("completion_tokens") or 0
+                    rec["prompt_tokens"] = usage.get("prompt_tokens") or 0
+                    details = usage.get("prompt_tokens_details") or {}
+                    if details.get("cached_tokens") is not None:
+                        rec["cached_tokens"] = details["cached_tokens"]
                 for choice in obj.get("choices") or ():
-                    if choice.get("text"):
+                    # /v1/completions streams `text`, /v1/chat/completions `delta.content`.
+                    content = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if content:
+                        if "text" in rec:
+                            rec["text"] += content
                         if rec["t_first"] is None:
                             rec["t_first"] = now
                         rec["t_last"] = now
@@ -141,6 +145,20 @@ class MlxLmTarget:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+class MlxLmTarget(SseTarget):
+    """Raw completions (`/v1/completions`): mlx_lm.server, or lmlink's HTTP bridge with the
+    very same client (`counts_eos=False`)."""
+
+    def __init__(self, base_url: str, name: str = "mlx_lm.server",
+                 counts_eos: bool = True) -> None:
+        super().__init__(name, base_url, "/v1/completions", counts_eos)
+
+    async def request(self, prompt: str, max_tokens: int) -> dict:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        return await self.send(body, _record(time.perf_counter()))
 
 
 async def run_phase(target: Target, prompts: list[str], concurrency: int, duration: float,

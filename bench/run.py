@@ -198,7 +198,8 @@ async def drive(args: argparse.Namespace, servers: dict, worker: InprocWorker,
 
     targets = {"mlx_lm.server": MlxLmTarget(servers["mlx_lm.server"].address),
                "lmlink": LmlinkTarget(servers["lmlink"].address),
-               "lmlink HTTP": MlxLmTarget("http://" + servers["lmlink"].extra["http"])}
+               "lmlink HTTP": MlxLmTarget("http://" + servers["lmlink"].extra["http"],
+                                          "lmlink HTTP", counts_eos=False)}
     try:
         raw = (await worker.ready(timeout=300))["raw"]
         took = {}
