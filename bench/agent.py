@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
@@ -39,7 +38,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import REPO, eprint, machine_facts, median, percentile, process_memory  # noqa: E402
+from common import (  # noqa: E402
+    REPO, eprint, machine_facts, median, percentile, process_memory, publish,
+)
 from loadgen import SseTarget  # noqa: E402
 from prompts import make_prompts  # noqa: E402
 from run import CACHE_ENTRIES, MAX_BATCH, PREFILL_BATCH, PREFILL_STEP  # noqa: E402
@@ -553,13 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"mlx_lm.server": mlx.settings, "lmlink": lm.settings}
     result = build_result(args, machine, work, runs, memory, settings, count)
     evaluate(result)
-    result["machine"]["loadavg_at_end"] = os.getloadavg()[0]
-    result["elapsed_s"] = time.perf_counter() - t_begin
-    print(markdown(result))
-    print(f"\n(run took {result['elapsed_s']:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
-        eprint(f"agent: wrote {args.json}")
+    publish(result, markdown(result), args.json, "agent", t_begin)
     return 0
 
 

@@ -118,3 +118,19 @@ def machine_busy_seconds() -> float:
 
 def eprint(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+def publish(result: dict, text: str, json_path: str | None, tag: str, started: float) -> None:
+    """Print a finished run's Markdown and write its JSON (every number) if asked."""
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    result["machine"]["loadavg_at_end"] = os.getloadavg()[0]
+    result["elapsed_s"] = time.perf_counter() - started
+    print(text)
+    print(f"\n(run took {result['elapsed_s']:.0f} s)")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=float) + "\n")
+        eprint(f"{tag}: wrote {json_path}")

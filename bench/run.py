@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     machine_facts,
     process_cpu_seconds,
     process_memory,
+    publish,
 )
 from prompts import make_prompts  # noqa: E402
 from report import markdown, ratio, summarize, window_tokens  # noqa: E402
@@ -444,13 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     result = build_result(args, machine, model_path, screened, collected, settings, warnings)
     result["memory"] = memory
     evaluate(result, args.levels, result["per_rep"])
-    result["machine"]["loadavg_at_end"] = os.getloadavg()[0]
-    result["elapsed_s"] = time.perf_counter() - t_begin
-    print(markdown(result))
-    print(f"\n(run took {result['elapsed_s']:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
-        eprint(f"bench: wrote {args.json}")
+    publish(result, markdown(result), args.json, "bench", t_begin)
     return 0
 
 
