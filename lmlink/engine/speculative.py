@@ -17,9 +17,9 @@ decoding produces. Rejected positions are removed from the KV cache per row (tri
 common part, right-align the rest as left padding, the way mlx-lm finalizes right-padded
 prompts).
 
-Cluster lockstep: drafts, verify widths and acceptance estimates are computed from the batch's own token
-history, which every rank holds identically, so ranks take the same decisions without any
-extra message.
+Cluster lockstep: drafts, verify widths and acceptance estimates are computed from the
+batch's own token history, which every rank holds identically, so ranks take the same
+decisions without any extra message.
 
 `SpeculativeBatch` replaces BatchGenerator's generation batch (one object for the life of the
 generator: mlx-lm only ever extends and filters it); steps with nothing to verify run the
@@ -47,10 +47,11 @@ NEAR = 8
 K_MAX = 9  # drafts per stream per step
 # The cost of one more position in a forward pass, relative to the pass itself. Decode reads
 # every weight once per pass, whatever the number of positions, and then spends a little
-# compute per position: on SmolLM2-135M (2-core EPYC, OpenBLAS 1 thread) a one-position pass
+# compute per position: on SmolLM2-135M (2-core Xeon VM, OpenBLAS 1 thread) a one-position pass
 # takes 104 ms, 2 positions 114-117, 8 positions 130, 24 positions 176, 32 positions 202,
 # i.e. +9 % for leaving matrix-vector products (PASS_JUMP) and ~0.03 of a pass per position.
-# On a GPU a position is cheaper still. The verify width is chosen each step to maximise expected
+# On a GPU a position is cheaper still, in a mixture-of-experts model dearer (its own experts):
+# `--verify-position-cost` sets it. The verify width is chosen each step to maximise expected
 # tokens per unit of this cost (see `choose_width`).
 POSITION_COST = 0.03
 # A pass over more than one position runs matrix-matrix products, which cost more per weight
@@ -196,8 +197,8 @@ class DraftModel:
     """Drafts from a small model with the same vocabulary, run greedily on its own cache.
 
     One unbatched cache per request: speculation pays mostly at small batch sizes (see
-    `choose_width`), and a per-request cache rolls back by a plain trim to the longest prefix it
-    shares with the request's real tokens. Every rank of a cluster would compute the same
+    `choose_width`), and a per-request cache rolls back by a plain trim to the longest
+    prefix it shares with the request's real tokens. Every rank of a cluster would compute the same
     drafts from the same tokens, but only single-process serving offers it for now.
     """
 
@@ -320,10 +321,10 @@ class SpeculativeBatch(GenerationBatch):
         lengths, rates = [0] * B, [0.0] * B
         for i, row, most in candidates:
             lengths[i], rates[i] = most, max(row.rates)
+        # The cache length from the token history, which every rank holds identically.
+        cached = max((len(t) for t in self.tokens), default=0)
         # Even full-length drafts would not pay: skip before waiting for the pending tokens
         # (reading them ends mlx-lm's overlap of this step's Python with the last compute).
-        # From the token history, which every rank of a cluster holds identically.
-        cached = max((len(t) for t in self.tokens), default=0)
         if choose_width(lengths, rates, cached, self.position_cost) == 1:
             return None
         pending = self._next_tokens.tolist()
