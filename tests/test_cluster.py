@@ -140,26 +140,32 @@ def test_tensor_4_ranks_match_single_process(reference):
 def test_killed_rank_fails_streams_and_cluster_restarts():
     c = up("local-2-mpi.toml", "--linger", "2")
     pids = c.all_pids()
-    with Client(c.address, timeout=60) as client:
-        stream = client.stream(prompt="Once upon a time", max_tokens=2000, ignore_eos=True)
-        got = 0
-        t_kill = None
-        with pytest.raises(Unavailable) as err:
-            for _ in stream:
-                got += 1
-                if got == 5:
-                    os.kill(c.pids[1], signal.SIGKILL)
-                    t_kill = time.monotonic()
-        assert t_kill is not None and time.monotonic() - t_kill < 10
-        assert "rank 1" in str(err.value)
-        # rank 0 still answers during the linger, and says it cannot serve
-        deadline = time.monotonic() + 1.5
-        while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert client.health() == "NOT_SERVING"
-    c.proc.wait(30)
-    assert c.proc.returncode == 1
-    assert_gone(pids)
+    try:
+        with Client(c.address, timeout=60) as client:
+            # Without speculation: the toy model's repetitive text would otherwise be drafted
+            # so well that 2,000 tokens are all computed before the kill is noticed.
+            stream = client.stream(prompt="Once upon a time", max_tokens=2000,
+                                   ignore_eos=True, speculate=False)
+            got = 0
+            t_kill = None
+            with pytest.raises(Unavailable) as err:
+                for _ in stream:
+                    got += 1
+                    if got == 5:
+                        os.kill(c.pids[1], signal.SIGKILL)
+                        t_kill = time.monotonic()
+            assert t_kill is not None and time.monotonic() - t_kill < 10
+            assert "rank 1" in str(err.value)
+            # rank 0 still answers during the linger, and says it cannot serve
+            deadline = time.monotonic() + 1.5
+            while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.health() == "NOT_SERVING"
+        c.proc.wait(30)
+        assert c.proc.returncode == 1
+        assert_gone(pids)
+    finally:
+        down(c)  # a failed check must not leave the cluster running into the next test
     c2 = up("local-2-mpi.toml")
     try:
         with Client(c2.address, timeout=60) as client:
