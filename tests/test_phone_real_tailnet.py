@@ -20,9 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from lmlink.net.mobileconfig import ca_from_profile
-from support.netns import require_root
-from tailnet.bed import tailnet_bed
-from tailnet.lab import EVE_IP_ONLY, HTTP_PORT, build_lab, lab_policy, lmlink_argv, node_env
+from tailnet.lab import EVE_IP_ONLY, HTTP_PORT, lab_policy, lmlink_argv, node_env, running_lab
 
 pytestmark = [pytest.mark.real_tailnet, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parent.parent
@@ -51,14 +49,8 @@ def recipe_requests() -> list[list]:
 
 @pytest.fixture(scope="module")
 def lab():
-    require_root()
-    with tailnet_bed() as bed:
-        lab = build_lab(bed)
-        bed.set_policy(lab_policy(extra=EVE_IP_ONLY + PHONE_PROFILE))
-        try:
-            yield lab
-        finally:
-            lab.serving.stop()
+    with running_lab(lab_policy(extra=EVE_IP_ONLY + PHONE_PROFILE)) as lab:
+        yield lab
 
 
 def phone_cli(lab, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -22,27 +22,17 @@ from pathlib import Path
 import pytest
 
 from lmlink.net.listeners import listening_sockets
-from support.netns import require_root
-from tailnet.bed import namespaces_left, tailnet_bed, wait_for
-from tailnet.lab import (EVE_DENIED, GRPC_PORT, HTTP_PORT, MODEL, Lab, build_lab, lab_policy, lmlink,
-                         tailscale_ping)
+from tailnet.bed import wait_for
+from tailnet.lab import (EVE_DENIED, GRPC_PORT, HTTP_PORT, MODEL, Lab, lab_policy, lmlink,
+                         running_lab, tailscale_ping)
 
 pytestmark = [pytest.mark.real_tailnet, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def lab():
-    require_root()
-    with tailnet_bed() as bed:
-        lab = build_lab(bed)
-        print(f"lab timings: {lab.timings}")
-        try:
-            yield lab
-        finally:
-            assert lab.serving is not None
-            lab.serving.stop()
-            print("serve log tail:\n" + lab.serving.stderr()[-1500:])
-    assert not namespaces_left(bed.ctl_ns[:-4])
+    with running_lab() as lab:
+        yield lab
 
 
 def status(lab: Lab, who: str, **env: str) -> subprocess.CompletedProcess:

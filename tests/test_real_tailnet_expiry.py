@@ -12,24 +12,16 @@ import time
 
 import pytest
 
-from support.netns import require_root
-from tailnet.bed import namespaces_left, tailnet_bed, wait_for
-from tailnet.lab import build_lab, lmlink
+from tailnet.bed import wait_for
+from tailnet.lab import lmlink, running_lab
 
 pytestmark = [pytest.mark.real_tailnet, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def lab():
-    require_root()
-    with tailnet_bed() as bed:
-        lab = build_lab(bed)
-        try:
-            yield lab
-        finally:
-            assert lab.serving is not None
-            lab.serving.stop()
-    assert not namespaces_left(bed.ctl_ns[:-4])
+    with running_lab() as lab:
+        yield lab
 
 
 def _expired(peer: dict | None) -> bool:

@@ -10,6 +10,7 @@ Nodes (all real tailscaled, TUN mode unless asked otherwise):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,9 +20,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from tailnet.bed import Bed, Node, run, wait_for
+from support.netns import require_root
+from tailnet.bed import Bed, Node, namespaces_left, run, tailnet_bed, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_DOC = REPO / "deploy" / "tailscale-policy.md"
@@ -183,3 +185,22 @@ def tailscale_ping(a: Node, b: Node, *, count: int = 10) -> str:
 
 
 __all__ = ["Lab", "Serving", "build_lab", "lmlink", "start_serve", "tailscale_ping", "run"]
+
+
+@contextlib.contextmanager
+def running_lab(policy: str | None = None) -> Iterator[Lab]:
+    """A fresh bed with the lab on it (and `policy`, if given), for one test module; after it
+    the server is stopped, its log tail printed, and no namespace is left behind."""
+    require_root()
+    with tailnet_bed() as bed:
+        lab = build_lab(bed)
+        if policy is not None:
+            bed.set_policy(policy)
+        print(f"lab timings: {lab.timings}")
+        try:
+            yield lab
+        finally:
+            assert lab.serving is not None
+            lab.serving.stop()
+            print("serve log tail:\n" + lab.serving.stderr()[-1500:])
+    assert not namespaces_left(bed.ctl_ns[:-4])
